@@ -1,0 +1,124 @@
+"""Backend registry: which implementations of `forward_stats` / `backward_grads` exist here.
+
+A backend is a pair of functions with the signatures of papo_kernels/reference.py. The
+optional backends are imported lazily so that importing papo_kernels never fails on a machine
+without a GPU, without Triton or without the compiled extension.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cpp")
+STRATEGIES = ("auto", "workspace", "fused")
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend is requested explicitly but is not built or cannot run here."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward_stats: Callable
+    backward_grads: Callable
+
+
+def _torch_backend() -> Backend:
+    from papo_kernels import reference
+
+    return Backend("torch", reference.forward_stats, reference.backward_grads)
+
+
+def _optional_backend(name: str, module: str, missing: str) -> tuple[Backend | None, str]:
+    """(backend, reason): the backend if its module imports and exports both functions."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:  # not built, or a dependency (triton) missing
+        return None, f"{missing} ({type(exc).__name__}: {exc})"
+    fwd = getattr(mod, "forward_stats", None)
+    bwd = getattr(mod, "backward_grads", None)
+    if fwd is None or bwd is None:
+        return None, missing
+    return Backend(name, fwd, bwd), ""
+
+
+def _triton_backend() -> tuple[Backend | None, str]:
+    return _optional_backend(
+        "triton",
+        "papo_kernels.kernels",
+        "the Triton kernels are not part of this build (pip install triton; see issue 'Triton backend')",
+    )
+
+
+def _cpp_backend() -> tuple[Backend | None, str]:
+    return _optional_backend(
+        "cpp",
+        "papo_kernels.extension",
+        "the C++/CUDA extension is not built (pip install -e . --no-build-isolation builds it)",
+    )
+
+
+def _triton_can_run(device: torch.device) -> tuple[bool, str]:
+    if device.type == "cuda":
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, (
+        f"Triton kernels need a CUDA device (got tensors on {device}); on CPU they only run "
+        "under the interpreter (set TRITON_INTERPRET=1 before importing triton)"
+    )
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """Backend object for `name` ("auto" | "torch" | "triton" | "cpp") and the tensors' device.
+
+    Raises:
+        ValueError: unknown name.
+        BackendUnavailableError: an explicit backend that is not built or cannot run on `device`.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "torch":
+        return _torch_backend()
+    if name == "triton":
+        backend, reason = _triton_backend()
+        if backend is None:
+            raise BackendUnavailableError(f"backend='triton' is not available: {reason}")
+        ok, reason = _triton_can_run(device)
+        if not ok:
+            raise BackendUnavailableError(f"backend='triton' is not available: {reason}")
+        return backend
+    if name == "cpp":
+        backend, reason = _cpp_backend()
+        if backend is None:
+            raise BackendUnavailableError(f"backend='cpp' is not available: {reason}")
+        return backend
+    # auto: the fastest backend that runs on this device without an interpreter.
+    if device.type == "cuda":
+        backend, _ = _triton_backend()
+        if backend is not None:
+            return backend
+    if device.type in ("cpu", "cuda"):
+        backend, _ = _cpp_backend()
+        if backend is not None:
+            return backend
+    return _torch_backend()
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that `resolve_backend` accepts for `device`."""
+    device = torch.device(device)
+    names = []
+    for name in BACKENDS[1:]:
+        try:
+            resolve_backend(name, device)
+        except BackendUnavailableError:
+            continue
+        names.append(name)
+    return names

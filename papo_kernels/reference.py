@@ -1,0 +1,307 @@
+"""Chunked pure-PyTorch backend: the oracle every faster backend is tested against.
+
+Math (DESIGN.md "Kernel math"), per row and view, with z = h W^T / T over the vocabulary:
+
+    phase 1 (statistics), streaming vocabulary tiles with a running max m:
+        S  = sum e^(z - m)                      U' = sum e^(z - m) (z - m)   (shifted: 1e-6 accurate entropy)
+        X_ab = sum e^(z_a - m_a) (z_a - z_b)    X_ba = sum e^(z_b - m_b) (z_b - z_a)
+        lse = m + log S     logp = z_y - lse     H = log S - U'/S
+        KL_ab = X_ab / S_a - ((m_a - m_b) + log S_a - log S_b)
+    phase 2 (gradients w.r.t. z, given upstream per-row gradients g_*), recomputing z per tile:
+        dZ_a = g_lpa (onehot - p_a) - g_ha p_a (log p_a + H_a)
+               + g_kab p_a (log p_a - log p_b - KL_ab) + g_kba (p_a - p_b)
+        dZ_b = mirrored;   dh = dZ W / T,   dW = (dZ_a^T h_a + dZ_b^T h_b) / T
+
+Memory: at most a few [chunk_tokens x chunk_vocab] blocks per view exist at once; never
+[N x V]. Everything is computed in float32 (float64 for float64 inputs): bf16/fp16 inputs
+are upcast per tile before the GEMM so no logit is ever rounded to low precision.
+
+This module is also the backend interface: a backend provides `forward_stats` and
+`backward_grads` with these signatures (papo_kernels/_backends.py dispatches). The torch
+backend has a single execution strategy and accepts any `strategy` value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_VOCAB = 8192
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics saved by the forward (each [N], compute dtype). `*_b` and the KLs
+    are None for a single view."""
+
+    logp_a: torch.Tensor
+    entropy_a: torch.Tensor
+    lse_a: torch.Tensor
+    logp_b: torch.Tensor | None = None
+    entropy_b: torch.Tensor | None = None
+    lse_b: torch.Tensor | None = None
+    kl_ab: torch.Tensor | None = None
+    kl_ba: torch.Tensor | None = None
+
+
+class RowGrads(NamedTuple):
+    """Upstream gradients of the per-row outputs (each [N] or None meaning zero)."""
+
+    logp_a: torch.Tensor | None = None
+    entropy_a: torch.Tensor | None = None
+    logp_b: torch.Tensor | None = None
+    entropy_b: torch.Tensor | None = None
+    kl_ab: torch.Tensor | None = None
+    kl_ba: torch.Tensor | None = None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs compute (and return) in float64; everything else in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_masks(targets: torch.Tensor, vocab_size: int, ignore_index: int):
+    """(valid, bad): valid rows are not ignore_index; bad rows are valid but out of [0, V).
+
+    Computed on the device, no host sync: bad rows become NaN instead of raising here.
+    """
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab_size))
+    return valid, bad
+
+
+def _tile_logits(h: torch.Tensor, w_tile: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z tile = h W_tile^T / T in the compute dtype of h (h is already upcast)."""
+    z = h @ w_tile.to(h.dtype).T
+    return z if temperature == 1.0 else z / temperature
+
+
+class _Online:
+    """Running (m, S, U') of one view over vocabulary tiles (online softmax with shifted U')."""
+
+    def __init__(self, rows: int, dtype: torch.dtype, device: torch.device):
+        self.m = torch.full((rows,), -math.inf, dtype=dtype, device=device)
+        self.s = torch.zeros(rows, dtype=dtype, device=device)
+        self.u = torch.zeros(rows, dtype=dtype, device=device)
+
+    def update(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold tile z [C, v] in; returns (rescale factor of old sums, e^(z - m_new))."""
+        m_new = torch.maximum(self.m, z.amax(dim=1))
+        shift = self.m - m_new  # -inf on the first tile
+        scale = torch.exp(shift)
+        e = torch.exp(z - m_new[:, None])
+        # U' <- e^(m-m') (U' + (m-m') S); on the first tile S = 0 and (m-m') = -inf: guard 0 * -inf.
+        moved = torch.where(self.s > 0, shift * self.s, torch.zeros_like(self.s))
+        self.u = scale * (self.u + moved) + (e * (z - m_new[:, None])).sum(dim=1)
+        self.s = scale * self.s + e.sum(dim=1)
+        self.m = m_new
+        return scale, e
+
+    def lse(self) -> torch.Tensor:
+        return self.m + torch.log(self.s)
+
+    def entropy(self) -> torch.Tensor:
+        return torch.log(self.s) - self.u / self.s
+
+
+def _chunk_forward(h_a, h_b, weight, targets, temperature, chunk_vocab, acc):
+    """Phase 1 for one chunk of rows: returns raw (unmasked) statistics."""
+    rows, vocab = h_a.shape[0], weight.shape[0]
+    ha = h_a.to(acc)
+    hb = None if h_b is None else h_b.to(acc)
+    on_a = _Online(rows, acc, ha.device)
+    on_b = None if hb is None else _Online(rows, acc, ha.device)
+    z_target = torch.zeros(rows, dtype=acc, device=ha.device)
+    z_target_b = None if hb is None else torch.zeros_like(z_target)
+    x_ab = None if hb is None else torch.zeros_like(z_target)
+    x_ba = None if hb is None else torch.zeros_like(z_target)
+    for v0 in range(0, vocab, chunk_vocab):
+        v1 = min(v0 + chunk_vocab, vocab)
+        w_tile = weight[v0:v1]
+        in_tile = (targets >= v0) & (targets < v1)
+        local = (targets - v0).clamp(0, v1 - v0 - 1)[:, None]
+        z_a = _tile_logits(ha, w_tile, temperature)
+        scale_a, e_a = on_a.update(z_a)
+        z_target = torch.where(in_tile, z_a.gather(1, local).squeeze(1), z_target)
+        if hb is None:
+            continue
+        z_b = _tile_logits(hb, w_tile, temperature)
+        scale_b, e_b = on_b.update(z_b)
+        z_target_b = torch.where(in_tile, z_b.gather(1, local).squeeze(1), z_target_b)
+        diff = z_a - z_b
+        x_ab = scale_a * x_ab + (e_a * diff).sum(dim=1)
+        x_ba = scale_b * x_ba - (e_b * diff).sum(dim=1)
+    lse_a = on_a.lse()
+    out = dict(logp_a=z_target - lse_a, entropy_a=on_a.entropy(), lse_a=lse_a)
+    if hb is not None:
+        lse_b = on_b.lse()
+        # Shared-reference lse difference: (m_a - m_b) + log(S_a / S_b) keeps ~1e-6 absolute KL error.
+        dlse = (on_a.m - on_b.m) + (torch.log(on_a.s) - torch.log(on_b.s))
+        out.update(
+            logp_b=z_target_b - lse_b,
+            entropy_b=on_b.entropy(),
+            lse_b=lse_b,
+            kl_ab=x_ab / on_a.s - dlse,
+            kl_ba=x_ba / on_b.s + dlse,
+        )
+    return out
+
+
+def _mask_rows(x: torch.Tensor, valid: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """Ignored rows give exactly 0; out-of-range targets give NaN (no host sync)."""
+    x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(bad, torch.full((), math.nan, dtype=x.dtype, device=x.device), x)
+
+
+def forward_stats(
+    hidden_a: torch.Tensor,
+    hidden_b: torch.Tensor | None,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
+    strategy: str = "auto",
+) -> RowStats:
+    """Phase 1 over all rows: hidden_* [N, H], weight [V, H], targets [N] -> RowStats ([N] each)."""
+    chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
+    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    acc = compute_dtype(hidden_a.dtype)
+    n, vocab = hidden_a.shape[0], weight.shape[0]
+    valid, bad = row_masks(targets, vocab, ignore_index)
+    names = ["logp_a", "entropy_a", "lse_a"]
+    if hidden_b is not None:
+        names += ["logp_b", "entropy_b", "lse_b", "kl_ab", "kl_ba"]
+    outs = {k: torch.empty(n, dtype=acc, device=hidden_a.device) for k in names}
+    for r0 in range(0, n, chunk_tokens):
+        r1 = min(r0 + chunk_tokens, n)
+        chunk = _chunk_forward(
+            hidden_a[r0:r1],
+            None if hidden_b is None else hidden_b[r0:r1],
+            weight,
+            targets[r0:r1],
+            temperature,
+            chunk_vocab,
+            acc,
+        )
+        for k in names:
+            outs[k][r0:r1] = chunk[k]
+    for k in names:
+        outs[k] = _mask_rows(outs[k], valid, bad)
+    return RowStats(**outs)
+
+
+def _chunk_grad(g, r0, r1, valid, bad, acc):
+    """Slice an upstream gradient to the chunk: 0 on ignored rows (even if g is NaN there),
+    NaN on out-of-range rows so that their dh rows and dW become NaN."""
+    if g is None:
+        return None
+    return _mask_rows(g[r0:r1].to(acc), valid[r0:r1], bad[r0:r1])
+
+
+def backward_grads(
+    hidden_a: torch.Tensor,
+    hidden_b: torch.Tensor | None,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    stats: RowStats,
+    grads: RowGrads,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    need_hidden_a: bool = True,
+    need_hidden_b: bool = False,
+    weight_grad_acc: torch.Tensor | None = None,
+    hidden_b_is_constant: bool = True,
+    chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
+    strategy: str = "auto",
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Phase 2: returns (dh_a, dh_b) in the hidden dtype (None where not needed) and adds dW
+    into `weight_grad_acc` ([V, H], compute dtype) when given.
+
+    `hidden_b_is_constant`: view b is a detached distribution, so no dW flows through it.
+    """
+    chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
+    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    acc = compute_dtype(hidden_a.dtype)
+    n, vocab = hidden_a.shape[0], weight.shape[0]
+    two_view = hidden_b is not None
+    need_dw = weight_grad_acc is not None
+    need_dz_b = two_view and (need_hidden_b or (need_dw and not hidden_b_is_constant))
+    dh_a = torch.empty_like(hidden_a) if need_hidden_a else None
+    dh_b = torch.empty_like(hidden_b) if (two_view and need_hidden_b) else None
+    if not (need_hidden_a or need_dz_b or need_dw):
+        return dh_a, dh_b
+    valid, bad = row_masks(targets, vocab, ignore_index)
+    zero = torch.zeros((), dtype=acc, device=hidden_a.device)
+    inv_t = 1.0 / temperature
+    for r0 in range(0, n, chunk_tokens):
+        r1 = min(r0 + chunk_tokens, n)
+        # Ignored rows may hold anything (even NaN): zero them so 0 * NaN never reaches dW.
+        rv = valid[r0:r1, None]
+        ha = torch.where(rv, hidden_a[r0:r1].to(acc), zero)
+        hb = torch.where(rv, hidden_b[r0:r1].to(acc), zero) if two_view else None
+        t = targets[r0:r1]
+        g = RowGrads(*(_chunk_grad(x, r0, r1, valid, bad, acc) for x in grads))
+        need_b_tile = two_view and (g.kl_ab is not None or g.kl_ba is not None or need_dz_b)
+        lse_a = stats.lse_a[r0:r1, None]
+        ent_a = stats.entropy_a[r0:r1, None]
+        if two_view:
+            lse_b = stats.lse_b[r0:r1, None]
+            ent_b = stats.entropy_b[r0:r1, None]
+            kl_ab = stats.kl_ab[r0:r1, None]
+            kl_ba = stats.kl_ba[r0:r1, None]
+        dha = torch.zeros_like(ha) if need_hidden_a else None
+        dhb = torch.zeros_like(hb) if (dh_b is not None) else None
+        for v0 in range(0, vocab, chunk_vocab):
+            v1 = min(v0 + chunk_vocab, vocab)
+            w_tile = weight[v0:v1].to(acc)
+            in_tile = (t >= v0) & (t < v1)
+            local = (t - v0).clamp(0, v1 - v0 - 1)[:, None]
+            lp_a = _tile_logits(ha, w_tile, temperature) - lse_a
+            p_a = torch.exp(lp_a)
+            dz_a = torch.zeros_like(p_a)
+            dz_b = None
+            if g.logp_a is not None:
+                # (onehot - p) with the -1 folded in fp32 at the target column.
+                dz_a -= g.logp_a[:, None] * p_a
+                dz_a.scatter_add_(1, local, torch.where(in_tile, g.logp_a, zero)[:, None])
+            if g.entropy_a is not None:
+                dz_a -= g.entropy_a[:, None] * p_a * (lp_a + ent_a)
+            if need_b_tile:
+                lp_b = _tile_logits(hb, w_tile, temperature) - lse_b
+                p_b = torch.exp(lp_b)
+                if g.kl_ab is not None:
+                    dz_a += g.kl_ab[:, None] * p_a * (lp_a - lp_b - kl_ab)
+                if g.kl_ba is not None:
+                    dz_a += g.kl_ba[:, None] * (p_a - p_b)
+                if need_dz_b:
+                    dz_b = torch.zeros_like(p_b)
+                    if g.logp_b is not None:
+                        dz_b -= g.logp_b[:, None] * p_b
+                        dz_b.scatter_add_(1, local, torch.where(in_tile, g.logp_b, zero)[:, None])
+                    if g.entropy_b is not None:
+                        dz_b -= g.entropy_b[:, None] * p_b * (lp_b + ent_b)
+                    if g.kl_ab is not None:
+                        dz_b += g.kl_ab[:, None] * (p_b - p_a)
+                    if g.kl_ba is not None:
+                        dz_b += g.kl_ba[:, None] * p_b * (lp_b - lp_a - kl_ba)
+            if dha is not None:
+                dha += dz_a @ w_tile
+            if dhb is not None:
+                dhb += dz_b @ w_tile
+            if need_dw:
+                dw = dz_a.T @ ha
+                if dz_b is not None and not hidden_b_is_constant:
+                    dw += dz_b.T @ hb
+                weight_grad_acc[v0:v1] += dw * inv_t
+        if dh_a is not None:
+            dh_a[r0:r1] = dha * inv_t
+        if dh_b is not None:
+            dh_b[r0:r1] = dhb * inv_t
+    return dh_a, dh_b
