@@ -1,0 +1,174 @@
+"""train/trainer.py end to end on the tiny model: smoke, on-policy ratio, kill-and-resume, ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "train" / "configs" / "tiny.yaml"
+# Fields that legitimately differ between runs (wall clock, memory, throughput).
+VOLATILE = ("time/", "perf/", "memory/")
+
+FAST = [
+    "data.synthetic.n_train=32", "data.synthetic.n_val=8", "trainer.rollout_batch_size=8",
+    "trainer.mini_batch_size=4", "trainer.micro_batch_size=2", "trainer.log_prob_micro_batch_size=8",
+    "rollout.n=2", "data.max_response_length=6", "eval.every=0", "sft.steps=0",
+    "checkpoint.export_hf=false", "tensorboard=false", "deterministic=true", "optim.lr=1e-2",
+]
+
+
+def make_cfg(out: Path, *extra: str):
+    return load_config(TINY, [f"out_dir={out}", *FAST, *extra])
+
+
+def run_trainer(cfg, *, steps_then_kill: int | None = None):
+    """Train to the end, or run `steps_then_kill` steps, checkpoint and drop the trainer (a kill
+    right after a checkpoint). Returns (records, final parameters)."""
+    from train.trainer import Trainer
+
+    tr = Trainer(cfg)
+    try:
+        if steps_then_kill is None:
+            recs = tr.train()
+        else:
+            tr.maybe_resume()
+            recs = [tr.train_step() for _ in range(steps_then_kill)]
+            for r in recs:
+                tr.metrics.log(r)
+            tr.save_checkpoint()
+        params = tr.full_state_dict()
+    finally:
+        tr.close()
+    return recs, params
+
+
+def stable(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if not k.startswith(VOLATILE)}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny model and synthetic data built once, copied into each run directory."""
+    from train.data import write_synthetic
+    from train.tiny import TinyModelSpec, ensure_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("assets")
+    cfg = make_cfg(root)
+    ensure_tiny_model_dir(root / "tiny_model", TinyModelSpec(**vars(cfg.model.tiny)))
+    s = cfg.data.synthetic
+    write_synthetic(root / "data", n_train=s.n_train, n_val=s.n_val, seed=s.seed, tasks=s.tasks,
+                    image_size=s.image_size)
+    return root
+
+
+def fresh_dir(assets: Path, tmp_path: Path, name: str) -> Path:
+    out = tmp_path / name
+    out.mkdir()
+    shutil.copytree(assets / "tiny_model", out / "tiny_model")
+    shutil.copytree(assets / "data", out / "data")
+    return out
+
+
+def test_smoke_metrics_checkpoints_and_on_policy_ratio(assets, tmp_path):
+    # one mini-batch per step: the update is on-policy, so ratio == 1 and nothing is clipped
+    out = fresh_dir(assets, tmp_path, "smoke")
+    cfg = make_cfg(out, "trainer.max_steps=2", "trainer.mini_batch_size=8", "eval.every=2", "eval.k=2",
+                   "eval.limit=4", "checkpoint.save_every=1", "checkpoint.keep_last=1",
+                   "checkpoint.export_hf=true")
+    recs, params = run_trainer(cfg)
+    assert [r["step"] for r in recs] == [1, 2]
+    for r in recs:
+        assert abs(r["ratio/mean"] - 1.0) <= 1e-5
+        assert r["clip/frac_low"] == r["clip/frac_high"] == r["clip/frac_dual"] == 0.0
+        for key in ("reward/accuracy", "reward/format", "loss/total", "kl/perception", "entropy/full",
+                    "entropy/masked", "rollout/kl_perception_exact", "grad_norm", "lr", "memory/peak_mb"):
+            assert key in r and r[key] == r[key], key  # present and not NaN
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "reward/accuracy" in x] == [1, 2]
+    assert any("eval/avg@2" in x for x in lines)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_000002"]  # keep_last=1 pruned step 1, no temp dirs left
+    assert (out / "hf_model" / "config.json").exists() and (out / "config.yaml").exists()
+    assert (out / "eval_final.json").exists()
+    from train.plot import plot_run
+
+    pngs = {p.name for p in plot_run(out)}
+    assert {"rewards.png", "collapse_signals.png", "eval.png"} <= pngs
+
+
+def test_kill_and_resume_is_bitwise_identical(assets, tmp_path):
+    steps = ["trainer.max_steps=3", "checkpoint.save_every=1"]
+    full_dir = fresh_dir(assets, tmp_path, "full")
+    full, full_params = run_trainer(make_cfg(full_dir, *steps))
+
+    cut_dir = fresh_dir(assets, tmp_path, "cut")
+    first, _ = run_trainer(make_cfg(cut_dir, *steps), steps_then_kill=2)
+    # a kill during the next checkpoint write leaves a partial temp dir: it must be ignored
+    (cut_dir / "checkpoints" / ".tmp-step_000003").mkdir()
+    rest, resumed_params = run_trainer(make_cfg(cut_dir, *steps))
+
+    assert [r["step"] for r in rest] == [3]
+    for a, b in zip(full, first + rest):
+        assert stable(a) == stable(b)
+    for k in full_params:
+        assert torch.equal(full_params[k], resumed_params[k]), k
+    records = [json.loads(x) for x in (cut_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_zero3_matches_zero0(assets, tmp_path, tied):
+    extra = ["trainer.max_steps=1", "checkpoint.save_every=0", f"model.tiny.tie_word_embeddings={str(tied).lower()}"]
+    results = []
+    for stage in (0, 3):
+        out = tmp_path / f"z{stage}"
+        out.mkdir()
+        shutil.copytree(assets / "data", out / "data")  # the model is built with the tied/untied spec
+        results.append(run_trainer(make_cfg(out, *extra, f"trainer.zero_stage={stage}")))
+    (r0, p0), (r3, p3) = results
+    for key in ("loss/total", "reward/mean", "kl/perception", "entropy/full"):
+        assert r0[0][key] == pytest.approx(r3[0][key], abs=1e-6), key
+    for k in p0:
+        assert p0[k].shape == p3[k].shape, (k, p0[k].shape, p3[k].shape)
+        # ZeRO-3 sums gradients in another order; Adam's first step, lr * g / (|g| + eps), turns
+        # those fp32 rounding differences into up to ~1e-3 * lr on weights whose gradient is ~eps.
+        # A wrong (e.g. ungathered) head would move weights by O(lr) = 1e-2.
+        torch.testing.assert_close(p0[k], p3[k], atol=1e-2 * 1e-2, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert any((p0[k] != 0).any() for k in p0)
+
+
+def test_deepspeed_launcher_smoke(assets, tmp_path):
+    """Two steps through the `deepspeed` launcher, as CI and the README run it."""
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
+    if launcher is None:
+        pytest.skip("the deepspeed launcher is not installed next to this python")
+    out = fresh_dir(assets, tmp_path, "launch")
+    cmd = [launcher, "--num_gpus", "1", "--master_port", "29611", str(ROOT / "train" / "run.py"),
+           "--config", str(TINY), f"out_dir={out}", *FAST, "trainer.max_steps=2", "checkpoint.save_every=2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "reward/accuracy" in x] == [1, 2]
+    assert (out / "checkpoints" / "step_000002" / "COMPLETE").exists()
+
+
+def test_bad_model_dir_is_a_clear_error(tmp_path):
+    from train.config import ConfigError
+    from train.trainer import load_policy
+
+    with pytest.raises(FileNotFoundError, match="model.path"):
+        load_policy(tmp_path, dtype=torch.float32, attn_implementation="sdpa")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="qwen2_5_vl"):
+        load_policy(tmp_path, dtype=torch.float32, attn_implementation="sdpa")

@@ -1,0 +1,81 @@
+"""Supervised warm start: teach a random-init policy the answer format before PAPO.
+
+A random-init policy never writes `<think>...</think> ... \\boxed{...}`, so
+every reward is 0 and every GRPO advantage is 0. The tiny config therefore
+first fine-tunes on the training questions with the target
+`sft.response_template` (by default `<think> The answer is X. </think>
+\\boxed{X}`), optionally with label noise so that the warm-started policy is
+not already perfect. The loss is the mean negative log-likelihood of the
+response tokens, computed from hidden states by `papo_kernels.token_stats`
+(no [tokens x vocab] logits), on the same packed micro-batches as PAPO.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.batching import Sequence, encode_prompt, gather_response_hidden, pack
+from train.data import ANSWERS
+
+log = logging.getLogger("train.sft")
+
+
+def sft_target(answer: str, category: str, template: str, rng: np.random.Generator, noise: float) -> str:
+    """The warm-start response for one question (a wrong same-type answer with prob `noise`)."""
+    if noise > 0 and category in ANSWERS and rng.random() < noise:
+        others = [a for a in ANSWERS[category] if a != answer]
+        if others:
+            answer = others[int(rng.integers(len(others)))]
+    return template.format(answer=answer)
+
+
+def run_sft(policy, processor, dataset, cfg, *, out_dir: str | Path) -> list[float]:
+    """Fine-tune `policy` in place for `cfg.sft.steps` steps and save it with the processor.
+
+    Returns the per-step losses. Deterministic given `cfg.seed`.
+    """
+    from papo_kernels import token_stats
+
+    s, d = cfg.sft, cfg.data
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    rng = np.random.default_rng([cfg.seed, 17])
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    policy.train()
+    losses = []
+    cache: dict[int, object] = {}
+    for step in range(s.steps):
+        idx = rng.choice(len(dataset), size=min(s.batch_size, len(dataset)), replace=False)
+        seqs = []
+        for i in idx.tolist():
+            item = dataset[i]
+            if i not in cache:  # encoding (resize + patchify) dominates on CPU: do it once
+                cache[i] = encode_prompt(processor, item["prompt"], item["images"], min_pixels=d.min_pixels,
+                                         max_pixels=d.max_pixels)
+            target = sft_target(item["answer"], item.get("category", ""), s.response_template, rng, s.label_noise)
+            ids = tok(target, add_special_tokens=False)["input_ids"] + [eos]
+            seqs.append(Sequence(cache[i], torch.tensor(ids, dtype=torch.long)))
+        batch = pack(policy.model, seqs)
+        hidden = gather_response_hidden(policy.model(**batch.model_inputs()).last_hidden_state, batch)
+        targets = batch.response_ids.masked_fill(batch.response_mask == 0, -100)
+        w = policy.lm_head.weight
+        st = token_stats(hidden, w, targets)
+        loss = -(st.logp * batch.response_mask).sum() / batch.response_mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 20 == 0 or step == s.steps - 1:
+            log.info("sft step %d/%d nll %.4f", step + 1, s.steps, losses[-1])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "sft_losses.txt").write_text("".join(f"{x:.6f}\n" for x in losses))
+    return losses

@@ -1,0 +1,1000 @@
+"""The PAPO trainer: rollouts, rewards, advantages, no-grad statistics, DeepSpeed updates.
+
+`Trainer(cfg).train()` runs PAPO_SPEC section 7 once per rollout step:
+
+ 1. sample `rollout_batch_size` prompts (this rank's share);
+ 2. mask each prompt's raw images once (`papo.masking.mask_images`, shared by its rollouts);
+ 3. roll out `rollout.n` responses per prompt (`RolloutEngine`);
+ 4. rewards (`papo.rewards.compute_score`: 0.9 accuracy + 0.1 format);
+ 5. group advantages (`papo.advantages`), with the DAPO online filter and its
+    regenerate-until-full loop when `papo.online_filter` is set;
+ 6. one no-grad pass per view with the rollout weights: old log-probs and the
+    masked log-probs from `papo_kernels.two_view_stats` (which also yields the
+    exact perception KL and both full-vocabulary entropies as monitors), and
+    reference log-probs when beta > 0;
+ 7. mini-batches of `mini_batch_size` prompts, each split into packed,
+    padding-free micro-batches; `forward_backward_step` runs the trunk, gathers
+    the hidden states that predict response tokens and calls `papo.PAPOLoss`
+    inside the lm_head module's forward (so ZeRO-3 gathers the possibly tied
+    head weight for it); gradient accumulation is explicit (DeepSpeed's
+    `managed_gradient_accumulation: false`, backward without GAS scaling,
+    `engine.step()` once per mini-batch), so `PAPOConfig.loss_scale` alone
+    decides the normalization.
+
+Checkpoints (DeepSpeed state + trainer state: step, data cursor, RNG) are
+written to a temporary directory and renamed into place, so a kill during a
+write never replaces the previous good one; `train()` resumes from the newest
+complete checkpoint. Metrics go to `<out_dir>/metrics.jsonl` (and TensorBoard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from train.batching import EncodedPrompt, PackedBatch, Sequence, encode_prompt, gather_response_hidden, pack, \
+    plan_micro_batches
+from train.config import ConfigError, RunConfig, save_config
+from train.data import VisionRLDataset, load_dataset_for, write_synthetic
+from train.rollout import HFRolloutEngine, RolloutEngine, SamplingParams
+
+log = logging.getLogger("train")
+
+CHECKPOINT_PREFIX = "step_"
+COMPLETE_MARKER = "COMPLETE"
+
+
+# --------------------------------------------------------------------------- distributed setup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialize torch.distributed through DeepSpeed; returns (rank, world_size).
+
+    Works under the `deepspeed` launcher and as a plain `python` process (then
+    a one-process group on a free local port is created).
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op on first use
+        # (45-51 s on a 2-core machine, MACHINE_NOTES); gloo gives identical results without it.
+        comm_torch = sys.modules.get("deepspeed.comm.torch")
+        if comm_torch is not None:
+            comm_torch.build_shm_op = lambda: None
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def barrier() -> None:
+    """Barrier across ranks (no-op without a process group)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum or max) across ranks; identity on one rank."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        red = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+        torch.distributed.all_reduce(t, op=red)
+    return t
+
+
+def set_deterministic(enabled: bool, seed: int) -> None:
+    """Seed every generator; in deterministic mode also fix threads and algorithms."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if enabled:
+        # A fixed thread count fixes the order of CPU reductions; with deterministic
+        # algorithms a resumed run reproduces an uninterrupted one bit for bit.
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+def load_policy(path: str | Path, *, dtype: torch.dtype, attn_implementation: str):
+    """Load a Qwen2.5-VL model and processor from a local directory (never the network)."""
+    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {p} has no config.json (expected a local Qwen2.5-VL checkpoint)")
+    config = AutoConfig.from_pretrained(p, local_files_only=True)
+    if config.model_type != "qwen2_5_vl":
+        raise ConfigError(f"model.path {p} holds a {config.model_type!r} model; this trainer needs "
+                          "Qwen2.5-VL (model_type 'qwen2_5_vl')")
+    processor = AutoProcessor.from_pretrained(p, local_files_only=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        p, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True)
+    return model, processor
+
+
+def call_in_module(module: nn.Module, fn, *inputs):
+    """Run `fn(module, *inputs)` as `module`'s forward.
+
+    ZeRO-3 gathers a module's partitioned parameters only around its own
+    forward (and its backward, through hooks on the forward's inputs and
+    outputs). Computing the fused loss from `lm_head.weight` inside lm_head's
+    forward makes the (possibly tied) weight whole there, as CCE's and Liger's
+    patched forwards do; without ZeRO-3 this is a plain call.
+    """
+    original = module.forward
+    module.forward = lambda *args: fn(module, *args)
+    try:
+        return module(*inputs)
+    finally:
+        module.forward = original
+
+
+class PolicyWithLoss(nn.Module):
+    """The module DeepSpeed wraps: the policy plus the PAPO loss and statistics heads.
+
+    `forward(batch, mode=...)`:
+      - "loss": trunk with grad (+ masked trunk for estimator "exact"), then
+        `PAPOLoss` inside lm_head's forward; returns (loss, metrics);
+      - "stats": no-grad trunk for both views, then `two_view_stats` (or
+        `token_stats` without masked pixels); returns the per-token stats [B, T].
+    """
+
+    def __init__(self, policy: nn.Module, loss_fn: nn.Module | None):
+        super().__init__()
+        self.policy = policy
+        self.loss_fn = loss_fn
+
+    def trunk(self, batch: PackedBatch, *, masked: bool = False) -> torch.Tensor:
+        out = self.policy.model(**batch.model_inputs(masked=masked))
+        return gather_response_hidden(out.last_hidden_state, batch)
+
+    def forward(self, batch: PackedBatch, mode: str = "loss", **loss_kwargs):
+        if mode == "loss":
+            return self._loss(batch, **loss_kwargs)
+        if mode == "stats":
+            return self._stats(batch, **loss_kwargs)
+        raise ValueError(f"mode must be 'loss' or 'stats', got {mode!r}")
+
+    def _loss(self, batch: PackedBatch, *, masked_view: str, **kw):
+        hidden = self.trunk(batch)
+        masked_hidden = None
+        if masked_view in ("current_no_grad", "live"):
+            ctx = torch.no_grad() if masked_view == "current_no_grad" else contextlib.nullcontext()
+            with ctx:
+                masked_hidden = self.trunk(batch, masked=True)
+        head = self.policy.lm_head
+
+        def head_loss(mod, h, *rest):
+            mh = rest[0] if rest else None
+            # the weight's dtype must match the hidden states' for the kernels
+            w = mod.weight
+            out = self.loss_fn(h.to(w.dtype), w, batch.response_ids, batch.response_mask,
+                               masked_hidden=None if mh is None else mh.to(w.dtype), **kw)
+            return out.loss, out.metrics  # a plain tuple: ZeRO-3 hooks rebuild outputs by type
+
+        inputs = (hidden,) if masked_hidden is None else (hidden, masked_hidden)
+        return call_in_module(head, head_loss, *inputs)
+
+    @torch.no_grad()
+    def _stats(self, batch: PackedBatch, *, temperature: float, two_view: bool):
+        from papo_kernels import token_stats, two_view_stats
+
+        hidden = self.trunk(batch)
+        masked = self.trunk(batch, masked=True) if two_view else None
+        targets = batch.response_ids.masked_fill(batch.response_mask == 0, -100)
+
+        def head_stats(mod, h, *rest):
+            w = mod.weight
+            if rest:
+                return tuple(two_view_stats(h.to(w.dtype), rest[0].to(w.dtype), w, targets,
+                                            temperature=temperature))
+            return tuple(token_stats(h.to(w.dtype), w, targets, temperature=temperature))
+
+        inputs = (hidden,) if masked is None else (hidden, masked)
+        return call_in_module(self.policy.lm_head, head_stats, *inputs)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass
+class Sample:
+    """One response with everything the update needs."""
+
+    uid: int
+    prompt: EncodedPrompt
+    answer: str
+    response_ids: torch.Tensor
+    finished: bool
+    text: str = ""
+    reward: float = 0.0
+    accuracy: float = 0.0
+    format: float = 0.0
+    advantage: float = 0.0
+    old_logp: torch.Tensor | None = None
+    masked_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    monitors: dict[str, float] = field(default_factory=dict)
+
+    def seq(self) -> Sequence:
+        return Sequence(self.prompt, self.response_ids)
+
+    def __len__(self) -> int:
+        return len(self.prompt) + int(self.response_ids.numel())
+
+
+def pad_stack(rows: list[torch.Tensor | None], T: int) -> torch.Tensor | None:
+    """Stack 1-D tensors into [B, T], zero padded; None if any row is None."""
+    if any(r is None for r in rows):
+        return None
+    out = torch.zeros(len(rows), T, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r.float()
+    return out
+
+
+class PromptStream:
+    """Epoch-wise shuffled prompt order with a resumable cursor (drop_last per epoch)."""
+
+    def __init__(self, n: int, *, seed: int, batch: int):
+        if n < batch:
+            raise ConfigError(f"trainer.rollout_batch_size ({batch}) exceeds the training set size ({n})")
+        self.n, self.seed, self.batch = n, seed, batch
+        self.epoch, self.pos = 0, 0
+
+    def _perm(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def take(self, k: int) -> list[int]:
+        """Next k indices; an epoch ends where fewer than a full rollout batch remain."""
+        out: list[int] = []
+        while len(out) < k:
+            usable = (self.n // self.batch) * self.batch
+            if self.pos >= usable:
+                self.epoch, self.pos = self.epoch + 1, 0
+            perm = self._perm()
+            m = min(k - len(out), usable - self.pos)
+            out += perm[self.pos: self.pos + m].tolist()
+            self.pos += m
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MetricsLogger:
+    """JSONL (+ optional TensorBoard) metrics of rank 0."""
+
+    def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+            except ImportError:
+                log.warning("tensorboard not installed: metrics go to JSONL only")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step` (they belong to steps lost by a kill)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", -1) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: GPU allocator peak on CUDA, max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """PAPO on Qwen2.5-VL through DeepSpeed; see the module docstring.
+
+    Args:
+        cfg: the resolved RunConfig.
+        rollout_engine: optional RolloutEngine to use instead of the HF engine
+            (tests inject fixed rollouts through it).
+    """
+
+    def __init__(self, cfg: RunConfig, *, rollout_engine: RolloutEngine | None = None):
+        import deepspeed
+        from papo import PAPOLoss
+
+        self.cfg = cfg
+        self.papo = cfg.papo_config()
+        if self.papo.temperature != cfg.rollout.temperature:
+            raise ConfigError(f"papo.temperature ({self.papo.temperature}) must equal rollout.temperature "
+                              f"({cfg.rollout.temperature}): log-probs are taken at the sampling temperature")
+        if cfg.rollout.n < 2 and cfg.trainer.advantage == "grpo":
+            raise ConfigError("rollout.n must be >= 2 for GRPO advantages (group std)")
+        self.rank, self.world = init_distributed()
+        set_deterministic(cfg.deterministic, cfg.seed)
+        self.out = Path(cfg.out_dir)
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
+            if torch.cuda.is_available() else torch.device("cpu")
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        barrier()
+
+        model_dir, data_path = self._prepare_assets()
+        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        # DeepSpeed keeps fp32 master weights and runs bf16 compute when bf16 is enabled:
+        # load fp32 and let it cast.
+        policy, self.processor = load_policy(model_dir, dtype=torch.float32,
+                                             attn_implementation=cfg.model.attn_implementation)
+        self.tokenizer = self.processor.tokenizer
+        self.ref_model = None
+        if self.papo.beta > 0:
+            self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
+        if cfg.model.freeze_vision_tower:
+            policy.model.visual.requires_grad_(False)
+        if cfg.model.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+
+        d = cfg.data
+        ds_kwargs = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
+                         min_pixels=d.min_pixels, max_pixels=d.max_pixels, max_prompt_length=d.max_prompt_length)
+        self.train_ds = load_dataset_for(data_path["train"], d.train_split, self.processor, **ds_kwargs)
+        self.val_ds = load_dataset_for(data_path["val"], d.val_split, self.processor, **ds_kwargs)
+
+        if cfg.sft.steps > 0:
+            policy = self._warm_start(policy, dtype)
+
+        self.loss_fn = PAPOLoss(self.papo)
+        self.module = PolicyWithLoss(policy, self.loss_fn)
+        t = cfg.trainer
+        self.steps_per_epoch = len(self.train_ds) // t.rollout_batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"trainer.rollout_batch_size ({t.rollout_batch_size}) exceeds the training "
+                              f"set size ({len(self.train_ds)})")
+        self.total_steps = t.total_epochs * self.steps_per_epoch
+        if t.max_steps:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        self.opt_steps_per_step = t.rollout_batch_size // t.mini_batch_size
+
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                      weight_decay=o.weight_decay)
+        total_opt = max(1, self.total_steps * self.opt_steps_per_step)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_opt, o))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config(dtype))
+        self.zero3 = t.zero_stage == 3
+
+        gather = self._gather_all if self.zero3 else None
+        self.rollout = rollout_engine or HFRolloutEngine(self.module.policy, self.tokenizer,
+                                                         batch_size=cfg.rollout.batch_size, gather=gather)
+        self.stream = PromptStream(len(self.train_ds), seed=d.shuffle_seed, batch=t.rollout_batch_size)
+        self.step = 0
+        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
+        self._grader = None
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _prepare_assets(self) -> tuple[Path, dict[str, str]]:
+        """Model dir and data paths; rank 0 builds the tiny model / synthetic data if needed."""
+        cfg = self.cfg
+        model_dir = Path(cfg.model.path) if cfg.model.path else self.out / "tiny_model"
+        train_path = cfg.data.train_path or str(self.out / "data")
+        val_path = cfg.data.val_path or train_path
+        if self.rank == 0:
+            if not cfg.model.path:
+                from train.tiny import ensure_tiny_model_dir
+
+                ensure_tiny_model_dir(model_dir, cfg.model.tiny)
+            if not cfg.data.train_path and not (self.out / "data" / "summary.json").exists():
+                s = cfg.data.synthetic
+                write_synthetic(self.out / "data", n_train=s.n_train, n_val=s.n_val, seed=s.seed,
+                                tasks=s.tasks, image_size=s.image_size)
+        barrier()
+        return model_dir, {"train": train_path, "val": val_path}
+
+    def _warm_start(self, policy, dtype):
+        """Run (rank 0) or reuse the supervised warm start; every rank loads its result."""
+        from train.sft import run_sft
+
+        sft_dir = self.out / "sft_model"
+        if self.rank == 0 and not (sft_dir / "config.json").exists():
+            run_sft(policy, self.processor, self.train_ds, self.cfg, out_dir=sft_dir)
+        barrier()
+        policy, _ = load_policy(sft_dir, dtype=torch.float32, attn_implementation=self.cfg.model.attn_implementation)
+        if self.cfg.model.freeze_vision_tower:
+            policy.model.visual.requires_grad_(False)
+        policy.config.use_cache = False
+        if self.ref_model is not None:  # the reference is the warm-started policy
+            self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
+        return policy
+
+    def _ds_config(self, dtype: torch.dtype) -> dict:
+        t, o = self.cfg.trainer, self.cfg.optim
+        path = Path(t.ds_config) if t.ds_config else Path(__file__).parent / "ds_configs" / f"zero{t.zero_stage}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"trainer.ds_config: {path} not found")
+        ds = json.loads(path.read_text())
+        # Fill batch/accumulation/precision/clipping from our config: the "auto" values of such
+        # templates are resolved by HF/Accelerate integrations, not by deepspeed.initialize.
+        ds["train_micro_batch_size_per_gpu"] = 1
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = self.world
+        ds["managed_gradient_accumulation"] = False
+        ds["gradient_clipping"] = o.max_grad_norm
+        ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+        ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
+        ds["zero_allow_untested_optimizer"] = True
+        return ds
+
+    def _gather_all(self):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.policy.parameters()))
+
+    @property
+    def grader(self):
+        if self._grader is None:
+            from papo.rewards import AnswerGrader
+
+            self._grader = AnswerGrader()
+        return self._grader
+
+    # ------------------------------------------------------------------ rollout phase
+
+    def _encode(self, idx: int, step: int) -> tuple[dict, EncodedPrompt]:
+        from papo.masking import mask_images
+
+        d = self.cfg.data
+        item = self.train_ds[idx]
+        # one mask draw per prompt, shared by its rollouts, reproducible from (seed, step, uid)
+        rng = np.random.default_rng([self.cfg.seed, step, item["uid"]])
+        masked = mask_images(item["images"], patch_size=self.papo.mask_patch_size, prob=self.papo.mask_prob,
+                             generator=rng) if item["images"] else []
+        enc = encode_prompt(self.processor, item["prompt"], item["images"], min_pixels=d.min_pixels,
+                            max_pixels=d.max_pixels, masked_images=masked if item["images"] else None)
+        return item, enc
+
+    def _rollout_round(self, indices: list[int], step: int, attempt: int) -> list[Sample]:
+        r = self.cfg.rollout
+        encoded = [self._encode(i, step) for i in indices]
+        params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                max_new_tokens=self.cfg.data.max_response_length,
+                                seed=(self.cfg.seed * 100_003 + step) * 1_009 + self.rank * 31 + attempt)
+        completions = self.rollout.generate([e for _, e in encoded], params)
+        samples = []
+        for (item, enc), comps in zip(encoded, completions):
+            for c in comps:
+                samples.append(Sample(uid=item["uid"], prompt=enc, answer=item["answer"],
+                                      response_ids=c.token_ids, finished=c.finished))
+        self._score(samples)
+        return samples
+
+    def _score(self, samples: list[Sample]) -> None:
+        from papo.rewards import compute_score
+
+        texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        scores = compute_score(texts, [s.answer for s in samples], grader=self.grader)
+        for s, t, sc in zip(samples, texts, scores):
+            s.text, s.reward, s.accuracy, s.format = t, sc["overall"], sc["accuracy"], sc["format"]
+
+    def _collect(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        """Roll out this rank's prompts; with the online filter, regenerate until full."""
+        from papo.advantages import online_filter
+
+        t = self.cfg.trainer
+        local = len(range(self.rank, t.rollout_batch_size, self.world))
+        stats: dict[str, float] = {}
+        if self.papo.online_filter is None:
+            idx = self.stream.take(t.rollout_batch_size)[self.rank::self.world]
+            return self._rollout_round(idx, step, 0), stats
+        low, high = self.papo.online_filter
+        kept: list[Sample] = []
+        seen = tries = 0
+        all_acc = []
+        while tries < t.online_filter_max_tries:
+            idx = self.stream.take(t.rollout_batch_size)[self.rank::self.world]
+            round_samples = self._rollout_round(idx, step, tries)
+            tries += 1
+            acc = torch.tensor([s.accuracy for s in round_samples])
+            all_acc.append(acc)
+            keep = online_filter(acc, [s.uid for s in round_samples], low=low, high=high)
+            kept += [s for s, k in zip(round_samples, keep.tolist()) if k]
+            seen += len(idx)
+            if len({s.uid for s in kept}) >= local:
+                break
+        uids = []
+        for s in kept:
+            if s.uid not in uids:
+                uids.append(s.uid)
+        uids = set(uids[:local])
+        kept = [s for s in kept if s.uid in uids]
+        stats = {"filter/tries": float(tries), "filter/kept_groups": float(len(uids)),
+                 "filter/prompts_seen": float(seen),
+                 "filter/raw_accuracy": float(torch.cat(all_acc).mean()) if all_acc else 0.0}
+        return kept, stats
+
+    def _advantages(self, samples: list[Sample]) -> None:
+        from papo.advantages import dr_grpo_advantages, grpo_advantages
+
+        if not samples:
+            return
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+        groups = [s.uid for s in samples]
+        fn = grpo_advantages if self.cfg.trainer.advantage == "grpo" else dr_grpo_advantages
+        for s, a in zip(samples, fn(rewards, groups).tolist()):
+            s.advantage = a
+
+    # ------------------------------------------------------------------ no-grad statistics
+
+    def _equalize(self, plan: list[list[int]]) -> list[list[int] | None]:
+        """Pad this rank's micro-batch plan to the max count over ranks (None = dummy pass).
+
+        ZeRO-3 gathers parameters collectively in every forward, so every rank must run
+        the same number of forwards; a dummy pass reruns a real micro-batch with zero loss.
+        """
+        n = all_reduce_(torch.tensor([len(plan)], dtype=torch.long), "max").item()
+        return plan + [None] * (int(n) - len(plan))
+
+    @torch.no_grad()
+    def _logprob_pass(self, samples: list[Sample]) -> None:
+        """Old and masked log-probs (+ exact monitors) and reference log-probs, no grad."""
+        t = self.cfg.trainer
+        two_view = samples[0].prompt.masked_pixel_values is not None if samples else False
+        plan = plan_micro_batches([len(s) for s in samples], max_seqs=t.log_prob_micro_batch_size,
+                                  max_tokens=t.micro_batch_tokens)
+        plan = self._equalize(plan) if self.zero3 else plan
+        self.engine.eval()
+        for group in plan:
+            members = [samples[i] for i in (group if group is not None else plan[0] or [])]
+            if not members:  # this rank has no samples but must join the collective forward
+                continue
+            batch = pack(self.module.policy.model, [s.seq() for s in members]).to(self.device)
+            stats = self.engine(batch, mode="stats", temperature=self.papo.temperature, two_view=two_view)
+            if group is None:
+                continue
+            lengths = batch.response_mask.sum(-1).long().tolist()
+            for b, (s, R) in enumerate(zip(members, lengths)):
+                if two_view:
+                    lpa, lpb, ha, hb, kab, kba = (x[b, :R].float().cpu() for x in stats)
+                    s.old_logp, s.masked_logp = lpa, lpb
+                    s.monitors = {"kl_full_to_masked": kab.mean().item(), "kl_masked_to_full": kba.mean().item(),
+                                  "entropy_full": ha.mean().item(), "entropy_masked": hb.mean().item()}
+                else:
+                    lp, h = (x[b, :R].float().cpu() for x in stats)
+                    s.old_logp = lp
+                    s.monitors = {"entropy_full": h.mean().item()}
+            if self.ref_model is not None:
+                self._ref_logp(members, batch)
+        self.engine.train()
+
+    def _ref_logp(self, members: list[Sample], batch: PackedBatch) -> None:
+        from papo_kernels import token_stats
+
+        out = self.ref_model.model(**batch.model_inputs())
+        h = gather_response_hidden(out.last_hidden_state, batch)
+        targets = batch.response_ids.masked_fill(batch.response_mask == 0, -100)
+        w = self.ref_model.lm_head.weight
+        st = token_stats(h.to(w.dtype), w, targets, temperature=self.papo.temperature)
+        for b, s in enumerate(members):
+            R = int(s.response_ids.numel())
+            s.ref_logp = st.logp[b, :R].float().cpu()
+
+    # ------------------------------------------------------------------ update phase
+
+    def forward_backward_step(self, members: list[Sample], *, num_micro_batches: int, num_valid_tokens: float,
+                              num_valid_sequences: float, coefficients, dummy: bool = False) -> dict[str, float]:
+        """One micro-batch: packed forward, PAPOLoss, backward (no DeepSpeed GAS scaling)."""
+        seqs = [s.seq() for s in members]
+        batch = pack(self.module.policy.model, seqs)
+        if dummy:  # same shapes, no loss: keeps ZeRO-3 collectives in step across ranks
+            batch.response_mask.zero_()
+        batch = batch.to(self.device)
+        T = batch.response_ids.shape[1]
+        adv = torch.tensor([s.advantage for s in members], dtype=torch.float32, device=self.device)
+        kw = dict(
+            masked_view=self.papo.masked_view,
+            advantages=adv,
+            old_logp=_dev(pad_stack([s.old_logp for s in members], T), self.device),
+            ref_logp=_dev(pad_stack([s.ref_logp for s in members], T), self.device) if self.papo.beta > 0 else None,
+            num_micro_batches=num_micro_batches,
+            num_valid_tokens=num_valid_tokens,
+            num_valid_sequences=num_valid_sequences,
+            coefficients=coefficients,
+        )
+        if self.papo.masked_view == "rollout_no_grad":
+            kw["masked_logp"] = _dev(pad_stack([s.masked_logp for s in members], T), self.device)
+        loss, metrics = self.engine(batch, mode="loss", **kw)
+        if self.papo.loss_scale == "global":
+            # DeepSpeed averages gradients over data-parallel ranks; the global normalization
+            # already divides by the all-reduced count, so undo the average.
+            loss = loss * self.world
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if dummy:
+            return {}
+        return {k: float(v) for k, v in metrics.items()}
+
+    def _update(self, samples: list[Sample], coefficients) -> dict[str, float]:
+        """All mini-batches of this rollout step; returns token-weighted mean metrics."""
+        t = self.cfg.trainer
+        n_prompts = len({s.uid for s in samples})
+        uids = []
+        for s in samples:
+            if s.uid not in uids:
+                uids.append(s.uid)
+        local_mb = max(1, math.ceil(len(range(self.rank, t.mini_batch_size, self.world))))
+        n_mini = int(all_reduce_(torch.tensor([math.ceil(n_prompts / local_mb) if n_prompts else 0]), "max").item())
+        sums: dict[str, float] = {}
+        weight_total = 0.0
+        grad_norms, lrs, skipped = [], [], 0
+        tokens = 0
+        for j in range(n_mini):
+            mb_uids = set(uids[j * local_mb: (j + 1) * local_mb])
+            mb = [s for s in samples if s.uid in mb_uids]
+            plan = plan_micro_batches([len(s) for s in mb], max_seqs=t.micro_batch_size,
+                                      max_tokens=t.micro_batch_tokens)
+            n_real = len(plan)
+            if self.zero3 or self.world > 1:
+                plan = self._equalize(plan)
+            counts = torch.tensor([sum(int(s.response_ids.numel()) for s in mb), len(mb)], dtype=torch.float64)
+            all_reduce_(counts)
+            for group in plan:
+                dummy = group is None
+                members = [mb[i] for i in (plan[0] if dummy and plan[0] else group or [])]
+                if not members:
+                    members = samples[:1]  # a rank without samples still joins with a zero-loss pass
+                    dummy = True
+                m = self.forward_backward_step(members, num_micro_batches=max(n_real, 1),
+                                               num_valid_tokens=max(counts[0].item(), 1.0),
+                                               num_valid_sequences=max(counts[1].item(), 1.0),
+                                               coefficients=coefficients, dummy=dummy)
+                if m:
+                    w = m.get("tokens/count", 0.0)
+                    weight_total += w
+                    tokens += sum(len(s) for s in members)
+                    for k, v in m.items():
+                        if k != "tokens/count":
+                            sums[k] = sums.get(k, 0.0) + v * w
+            norm = self._grad_norm_precheck()
+            if norm is not None and not math.isfinite(norm):
+                # official: skip the update when the gradient norm is not finite
+                self.engine.zero_grad()
+                skipped += 1
+                self.engine.step()  # still closes the accumulation window (grads are None -> no-op)
+            else:
+                self.engine.step()
+            # the pre-clip norm (what the official code logs); DeepSpeed's own where grads are partitioned
+            gn = norm if norm is not None else self.engine.get_global_grad_norm()
+            grad_norms.append(float(gn) if gn is not None else float("nan"))
+            lrs.append(self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.optim.lr)
+        out = {k: v / max(weight_total, 1.0) for k, v in sums.items()}
+        out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+        out["lr"] = lrs[-1] if lrs else self.cfg.optim.lr
+        out["optimizer_steps"] = float(n_mini)
+        out["skipped_steps"] = float(skipped)
+        out["update_tokens"] = float(tokens)
+        return out
+
+    def _grad_norm_precheck(self) -> float | None:
+        """Global grad norm before the step where gradients are materialized (ZeRO 0/1)."""
+        if self.cfg.trainer.zero_stage >= 2:
+            return None
+        sq = torch.zeros((), dtype=torch.float64)
+        for p in self.module.parameters():
+            if p.grad is not None:
+                sq += p.grad.detach().double().pow(2).sum().cpu()
+        all_reduce_(sq.view(1))
+        return float(sq.sqrt())
+
+    # ------------------------------------------------------------------ one rollout step
+
+    def train_step(self) -> dict[str, Any]:
+        """One rollout step (PAPO_SPEC section 7); returns its metrics."""
+        t0 = time.perf_counter()
+        step = self.step
+        samples, filter_stats = self._collect(step)
+        t_rollout = time.perf_counter()
+        self._advantages(samples)
+        self._logprob_pass(samples)
+        t_stats = time.perf_counter()
+        coefs = self.papo.coefficients(step, self.total_steps)
+        upd = self._update(samples, coefs)
+        t_update = time.perf_counter()
+
+        # batch statistics over all ranks
+        vals = torch.tensor([
+            sum(s.reward for s in samples), sum(s.accuracy for s in samples), sum(s.format for s in samples),
+            sum(int(s.response_ids.numel()) for s in samples), float(len(samples)),
+            sum(1.0 for s in samples if not s.finished),
+            sum(s.monitors.get("kl_full_to_masked", 0.0) for s in samples),
+            sum(s.monitors.get("kl_masked_to_full", 0.0) for s in samples),
+            sum(s.monitors.get("entropy_full", 0.0) for s in samples),
+            sum(s.monitors.get("entropy_masked", 0.0) for s in samples),
+        ], dtype=torch.float64)
+        all_reduce_(vals)
+        n = max(vals[4].item(), 1.0)
+        gen_tokens = vals[3].item()
+        rec: dict[str, Any] = {
+            "step": step + 1,
+            "epoch": self.stream.epoch,
+            "reward/mean": vals[0].item() / n,
+            "reward/accuracy": vals[1].item() / n,
+            "reward/format": vals[2].item() / n,
+            "response/length_mean": gen_tokens / n,
+            "response/max": max((int(s.response_ids.numel()) for s in samples), default=0),
+            "response/truncated_frac": vals[5].item() / n,
+            "rollout/kl_perception_exact": vals[6].item() / n,
+            "rollout/kl_masked_to_full_exact": vals[7].item() / n,
+            "rollout/entropy_full_exact": vals[8].item() / n,
+            "rollout/entropy_masked_exact": vals[9].item() / n,
+            "coef/gamma": coefs.gamma, "coef/eta_full": coefs.eta_full, "coef/eta_masked": coefs.eta_masked,
+            "time/rollout_s": t_rollout - t0,
+            "time/logprob_s": t_stats - t_rollout,
+            "time/update_s": t_update - t_stats,
+            "time/step_s": t_update - t0,
+            "perf/rollout_tokens_per_s": gen_tokens / max(t_rollout - t0, 1e-9),
+            "perf/update_tokens_per_s": upd.pop("update_tokens") * self.world / max(t_update - t_stats, 1e-9),
+            "memory/peak_mb": peak_memory_mb(self.device),
+            "data/overlong_skipped": self.train_ds.stats.overlong,
+            "data/undecodable_skipped": self.train_ds.stats.undecodable + self.train_ds.stats.skipped_at_access,
+        }
+        rec.update(upd)
+        rec.update(filter_stats)
+        self.step += 1
+        return rec
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, *, black_images: bool = False) -> dict[str, float]:
+        """avg@k accuracy on the validation split (PAPO_SPEC section 4 protocol)."""
+        from train.eval import evaluate_dataset
+
+        e = self.cfg.eval
+        return evaluate_dataset(self.rollout, self.processor, self.val_ds, k=e.k, temperature=e.temperature,
+                                top_p=e.top_p, max_new_tokens=min(e.max_new_tokens, self.cfg.data.max_response_length),
+                                min_pixels=e.min_pixels, max_pixels=e.max_pixels, limit=e.limit,
+                                seed=self.cfg.seed, black_images=black_images, grader=self.grader,
+                                rank=self.rank, world=self.world)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint `step_<n>` atomically (temp dir + rename) and prune old ones."""
+        final = self.ckpt_root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        tmp = self.ckpt_root / f".tmp-{CHECKPOINT_PREFIX}{self.step:06d}"
+        if self.rank == 0:
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        self.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
+        barrier()
+        if self.rank == 0:
+            state = {"step": self.step, "stream": self.stream.state(), "world_size": self.world,
+                     "total_steps": self.total_steps}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            (tmp / COMPLETE_MARKER).write_text("ok\n")
+            _fsync_tree(tmp)
+            if final.exists():  # re-saving the same step: move the old copy aside first
+                old = self.ckpt_root / f".old-{final.name}"
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
+            _fsync_dir(self.ckpt_root)
+            for old in complete_checkpoints(self.ckpt_root)[: -self.cfg.checkpoint.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def maybe_resume(self) -> bool:
+        """Load the newest complete checkpoint, if any; returns whether it resumed."""
+        if not self.cfg.checkpoint.resume:
+            return False
+        ckpts = complete_checkpoints(self.ckpt_root)
+        if not ckpts:
+            return False
+        path = ckpts[-1]
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["world_size"] != self.world:
+            raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} ranks; "
+                               f"resume with the same number of processes (now {self.world})")
+        self.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+        self.step = int(state["step"])
+        self.stream.load(state["stream"])
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        self.metrics.truncate_after(self.step)
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's full weights on CPU (ZeRO-3 partitions gathered; collective call)."""
+        if self.zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.policy.parameters())):
+                return {k: v.detach().clone().cpu() for k, v in self.module.policy.state_dict().items()}
+        return {k: v.detach().clone().cpu() for k, v in self.module.policy.state_dict().items()}
+
+    def export_hf(self, out_dir: Path) -> Path:
+        """Save the policy in HF format (ZeRO-3 shards consolidated) with its processor."""
+        state = self.full_state_dict()
+        if self.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.module.policy.save_pretrained(out_dir, state_dict=state)
+            self.processor.save_pretrained(out_dir)
+        barrier()
+        return out_dir
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run (or resume) training to `total_steps`; returns the step records of this process."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        resumed = self.maybe_resume()
+        records = []
+        c = self.cfg
+        if c.eval.before_training and c.eval.every and not resumed and self.step == 0:
+            self._log_eval()
+        progress = Progress(TextColumn("[bold]PAPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.description}"), disable=self.rank != 0 or not sys.stderr.isatty())
+        with progress:
+            task = progress.add_task("", total=self.total_steps, completed=self.step)
+            while self.step < self.total_steps:
+                rec = self.train_step()
+                records.append(rec)
+                self.metrics.log(rec)
+                progress.update(task, completed=self.step,
+                                description=f"acc {rec['reward/accuracy']:.3f} loss {rec.get('loss/total', 0):.4f}")
+                if self.rank == 0 and (self.step % c.log_every == 0):
+                    log.info("step %d/%d acc %.3f reward %.3f len %.1f loss %.4f kl_prcp %.4f (%.1fs)",
+                             self.step, self.total_steps, rec["reward/accuracy"], rec["reward/mean"],
+                             rec["response/length_mean"], rec.get("loss/total", float("nan")),
+                             rec.get("kl/perception", float("nan")), rec["time/step_s"])
+                if c.eval.every and self.step % c.eval.every == 0 and self.step < self.total_steps:
+                    self._log_eval()
+                if c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0:
+                    self.save_checkpoint()
+        if self.step and not (self.ckpt_root / f"{CHECKPOINT_PREFIX}{self.step:06d}").exists():
+            self.save_checkpoint()
+        if c.eval.every:
+            self._log_eval(final=True)
+        if c.checkpoint.export_hf:
+            self.export_hf(self.out / "hf_model")
+        return records
+
+    def _log_eval(self, final: bool = False) -> dict[str, float]:
+        res = self.evaluate()
+        rec = {"step": self.step, **{f"eval/{k}": v for k, v in res.items()}}
+        self.metrics.log(rec)
+        if self.rank == 0:
+            log.info("eval at step %d: %s", self.step, json.dumps(res))
+            if final:
+                (self.out / "eval_final.json").write_text(json.dumps(rec, indent=2) + "\n")
+        return res
+
+    def close(self) -> None:
+        """Release the grader workers and the metrics writer."""
+        if self._grader is not None:
+            self._grader.close()
+        self.metrics.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def lr_factor(step: int, total: int, o) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (warm-up, then the schedule)."""
+    warm = int(o.warmup_ratio * total)
+    if step < warm:
+        return (step + 1) / warm
+    if o.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    if o.lr_schedule == "linear":
+        return 1.0 - (1.0 - o.min_lr_ratio) * progress
+    return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _dev(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories with their COMPLETE marker, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / COMPLETE_MARKER).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
