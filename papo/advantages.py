@@ -41,18 +41,19 @@ def _check_scores(name: str, scores: Any) -> Tensor:
     return scores
 
 
-def group_mean_std(scores: Tensor, group_ids: Any) -> tuple[Tensor, Tensor, Tensor]:
+def group_mean_std(scores: Tensor, group_ids: Any, *, name: str = "scores") -> tuple[Tensor, Tensor, Tensor]:
     """Per-response mean, unbiased std (N - 1) and size of its group.
 
     Args:
         scores: [B] float scalar rewards.
         group_ids: [B] group (prompt) id per response.
+        name: how errors refer to `scores` (the caller's argument name).
 
     Returns:
         (mean [B], std [B], count [B]) in scores' dtype and device; std is NaN for groups of 1
         (as torch.std), accumulated in float64.
     """
-    scores = _check_scores("scores", scores)
+    scores = _check_scores(name, scores)
     index, num_groups = _group_index(group_ids, scores.shape[0])
     index = index.to(scores.device)
     x = scores.to(torch.float64)
@@ -82,7 +83,7 @@ def grpo_advantages(rewards: Tensor, group_ids: Any, *, eps: float = 1e-6,
     Returns:
         [B] advantages in rewards' dtype; broadcast them over each response's tokens.
     """
-    mean, std, count = group_mean_std(rewards, group_ids)
+    mean, std, count = group_mean_std(rewards, group_ids, name="rewards")
     if not scale_by_std:
         return rewards - mean
     if bool((count < 2).any()):

@@ -29,7 +29,7 @@ class Coefficients(NamedTuple):
     eta_masked: float
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class PAPOConfig:
     """Configuration of the PAPO loss (`papo.papo_loss`, `papo.PAPOLoss`).
 
@@ -95,8 +95,8 @@ class PAPOConfig:
     None disables it. Applied by the trainer with `papo.advantages.online_filter`."""
 
     seq_sum_norm_divisor: int | None = None
-    """Dr.GRPO's constant divisor for loss_agg="seq-sum-norm" (the max response length); None
-    uses the padded length T of the [B, T] inputs (verl's default)."""
+    """Dr.GRPO's constant divisor for loss_agg="seq-sum-norm" (the max response length);
+    required with that aggregation, unused otherwise."""
 
     eta_full: float = 0.03
     """Weight of the entropy of the full-image distribution (minimized). >= 0."""
@@ -145,6 +145,13 @@ class PAPOConfig:
         _check_int("mask_patch_size", self.mask_patch_size, lo=1)
         if self.seq_sum_norm_divisor is not None:
             _check_int("seq_sum_norm_divisor", self.seq_sum_norm_divisor, lo=1)
+        elif self.loss_agg == "seq-sum-norm":
+            # A per-micro-batch fallback (the padded length) would vary between micro-batches
+            # and defeat Dr.GRPO's constant normalization.
+            raise ValueError(
+                "seq_sum_norm_divisor must be set with loss_agg='seq-sum-norm' (Dr.GRPO's "
+                "constant divisor; use the maximum response length)"
+            )
         if self.online_filter is not None:
             of = self.online_filter
             if not isinstance(of, (tuple, list)) or len(of) != 2:
@@ -153,7 +160,7 @@ class PAPOConfig:
             _check_float("online_filter[1]", of[1], lo=0.0, hi=1.0)
             if not of[0] < of[1]:
                 raise ValueError(f"online_filter must have low < high, got {tuple(of)}")
-            self.online_filter = (float(of[0]), float(of[1]))
+            object.__setattr__(self, "online_filter", (float(of[0]), float(of[1])))  # frozen
         if self.estimator == "exact" and self.masked_view == "rollout_no_grad":
             # The rollout-time weights are gone after the first mini-batch, so the full masked
             # distribution cannot be recomputed; only its sampled log-probs were stored.

@@ -83,7 +83,6 @@ def _token_weights(
     config: PAPOConfig,
     seq_index: Tensor,
     lengths: Tensor,
-    padded_length: int,
     *,
     num_valid_tokens: Any,
     num_valid_sequences: Any,
@@ -129,8 +128,7 @@ def _token_weights(
     elif agg == "seq-mean-token-sum":
         numer = torch.ones_like(seq_index, dtype=torch.float64)
     else:  # seq-sum-norm (Dr.GRPO): constant divisor instead of each sequence's length
-        divisor = config.seq_sum_norm_divisor or padded_length
-        numer = torch.full_like(seq_index, 1.0 / max(divisor, 1), dtype=torch.float64)
+        numer = torch.full_like(seq_index, 1.0 / config.seq_sum_norm_divisor, dtype=torch.float64)
 
     if scale == "microbatch":
         count = (lengths.sum() if token_level else (lengths > 0).sum().to(torch.float64))
@@ -326,8 +324,11 @@ def papo_loss(
             "exact" when eta_full > 0; in "sampled" mode only logged.
         masked_entropy: [B, T] float, the same with the masked image ("exact", eta_masked > 0).
         kl_prcp: [B, T] float full-vocabulary KL_prcp in the configured direction
-            (masked_to_full: KL(pi_masked || pi_theta)). Needed by "exact" when gamma > 0; in
-            "sampled" mode only logged as "kl/perception_exact".
+            (masked_to_full: KL(pi_masked || pi_theta)). Needed by "exact" when gamma > 0. In
+            "sampled" mode it is only logged as "kl/perception_exact": pass KL(pi_theta ||
+            pi_masked) there (two_view_stats' kl_ab), the KL that the sampled k3 estimates, as
+            PAPOLoss does. Its gradient is used as given: compute it with the masked view
+            detached unless masked_view="live".
         ref_logp: [B, T] float log-probs under the reference policy; needed when beta > 0.
         num_valid_tokens: loss_scale="global" with loss_agg="token-mean": the completion-token
             count of the whole optimizer step (all micro-batches, all ranks).
@@ -374,19 +375,24 @@ def papo_loss(
     # half-precision statistics are upcast, as the official compute_kl does with .float()
     dtype = torch.promote_types(logp.dtype, torch.float32)
 
-    def pick(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t[m].to(dtype)
+    def pick(t: Tensor | None, detach: bool = False) -> Tensor | None:
+        if t is None:
+            return None
+        return (t.detach() if detach else t)[m].to(dtype)
+
+    # Only masked_view="live" lets gradients through the masked view (as PAPOLoss does).
+    frozen_masked = config.masked_view != "live"
 
     seq_index = torch.arange(shape[0], device=logp.device).unsqueeze(-1).expand(shape)[m]
     lengths = m.sum(-1)
     weights = _token_weights(
-        config, seq_index, lengths, shape[1], num_valid_tokens=num_valid_tokens,
+        config, seq_index, lengths, num_valid_tokens=num_valid_tokens,
         num_valid_sequences=num_valid_sequences, num_micro_batches=num_micro_batches,
     ).to(dtype)
     token_loss, metric_values = _token_terms(
         config, coefs, logp=logp[m].to(dtype), old_logp=pick(old_logp), advantages=adv[m].to(dtype),
-        masked_logp=pick(masked_logp), ref_logp=pick(ref_logp), entropy=pick(entropy),
-        masked_entropy=pick(masked_entropy), kl_exact=pick(kl_prcp),
+        masked_logp=pick(masked_logp, frozen_masked), ref_logp=pick(ref_logp), entropy=pick(entropy),
+        masked_entropy=pick(masked_entropy, frozen_masked), kl_exact=pick(kl_prcp),
     )
     loss = (weights * token_loss).sum()
     count = float(max(int(seq_index.numel()), 1))
@@ -535,7 +541,7 @@ class PAPOLoss(nn.Module):
         targets = completion_ids.reshape(-1).index_select(0, rows).long()
         seq_index = rows // T
         weights = _token_weights(
-            config, seq_index, m.sum(-1), T, num_valid_tokens=num_valid_tokens,
+            config, seq_index, m.sum(-1), num_valid_tokens=num_valid_tokens,
             num_valid_sequences=num_valid_sequences, num_micro_batches=num_micro_batches,
         )
 

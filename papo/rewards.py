@@ -240,39 +240,52 @@ class AnswerGrader:
     def _run(self, pairs, pending: list[int], results: list) -> None:
         queue = list(reversed(pending))
         busy: dict[int, _Worker] = {}
-        while queue or busy:
-            for slot in range(self.num_workers):
-                if not queue:
-                    break
-                if slot in busy:
-                    continue
-                worker = self._workers[slot]
-                if worker is None or not worker.alive():
-                    worker = self._workers[slot] = _Worker(self.backend)
-                job = queue.pop()
-                given, truth = pairs[job]
-                worker.send(job, given, truth)
-                worker.job, worker.deadline = job, time.monotonic() + self.timeout
-                busy[slot] = worker
-            now = time.monotonic()
-            next_deadline = min(w.deadline for w in busy.values())
-            ready = wait([w.stdout for w in busy.values()], timeout=max(0.0, next_deadline - now))
-            for slot, worker in list(busy.items()):
-                if worker.stdout in ready:
-                    try:
-                        job, grade = worker.receive()
-                    except (EOFError, OSError, ValueError):  # the worker died (e.g. out of memory)
-                        job, grade = worker.job, False
-                        worker.kill()
-                        self._workers[slot] = None
-                    results[job] = grade
-                    del busy[slot]
-                elif time.monotonic() >= worker.deadline:
-                    self.num_timeouts += 1
-                    results[worker.job] = False
-                    worker.kill()
-                    self._workers[slot] = None
-                    del busy[slot]
+        try:
+            while queue or busy:
+                for slot in range(self.num_workers):
+                    if not queue:
+                        break
+                    if slot in busy:
+                        continue
+                    worker = self._workers[slot]
+                    if worker is None or not worker.alive():
+                        worker = self._workers[slot] = _Worker(self.backend)
+                    job = queue.pop()
+                    given, truth = pairs[job]
+                    busy[slot] = worker
+                    worker.job, worker.deadline = job, time.monotonic() + self.timeout
+                    worker.send(job, given, truth)
+                now = time.monotonic()
+                next_deadline = min(w.deadline for w in busy.values())
+                ready = wait([w.stdout for w in busy.values()], timeout=max(0.0, next_deadline - now))
+                for slot, worker in list(busy.items()):
+                    if worker.stdout in ready:
+                        try:
+                            job, grade = worker.receive()
+                        except (EOFError, OSError, ValueError):  # the worker died (e.g. out of memory)
+                            job, grade = worker.job, False
+                            self._discard(slot)
+                        if job != worker.job:  # a reply that is not for this job: never trust it
+                            job, grade = worker.job, False
+                            self._discard(slot)
+                        results[job] = grade
+                        del busy[slot]
+                    elif time.monotonic() >= worker.deadline:
+                        self.num_timeouts += 1
+                        results[worker.job] = False
+                        self._discard(slot)
+                        del busy[slot]
+        finally:
+            # An exception mid-loop (a worker that fails to start, a broken pipe) must not leave a
+            # worker holding a reply that a later call would read as its own.
+            for slot in busy:
+                self._discard(slot)
+
+    def _discard(self, slot: int) -> None:
+        worker = self._workers[slot]
+        if worker is not None:
+            worker.kill()
+            self._workers[slot] = None
 
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones)."""

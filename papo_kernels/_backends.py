@@ -7,6 +7,7 @@ without a GPU, without Triton or without the compiled extension.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ def _optional_backend(name: str, module: str, missing: str) -> tuple[Backend | N
     return Backend(name, fwd, bwd), ""
 
 
+# Cached: a failed import is retried by Python on every attempt, and dispatch runs per call.
+@functools.cache
 def _triton_backend() -> tuple[Backend | None, str]:
     return _optional_backend(
         "triton",
@@ -56,6 +59,7 @@ def _triton_backend() -> tuple[Backend | None, str]:
     )
 
 
+@functools.cache
 def _cpp_backend() -> tuple[Backend | None, str]:
     return _optional_backend(
         "cpp",

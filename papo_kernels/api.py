@@ -101,6 +101,11 @@ def _validate(
     h0 = hiddens[first]
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor (token ids), got {targets.dtype}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"targets must be int64 or int32 token ids, got {targets.dtype} (too narrow for a "
+            "vocabulary index; convert with targets.long())"
+        )
     if tuple(targets.shape) != tuple(h0.shape[:-1]):
         raise ValueError(
             f"targets must have shape {tuple(h0.shape[:-1])} ({first}.shape[:-1]), "
@@ -118,7 +123,9 @@ def _validate(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     if _is_compiling():
-        return  # value checks need a host sync; inside a compiled graph the kernels' NaN rule applies
+        # Value checks need a host sync, which would break the graph: inside torch.compile
+        # check_inputs/check_finite are skipped and the kernels' NaN rule applies instead.
+        return
     if check_inputs is None:
         check_inputs = targets.device.type == "cpu"
     if check_inputs:
@@ -156,6 +163,7 @@ _COMMON_ARGS = """
             such rows give NaN outputs and gradients, without a host sync.
         check_finite: raise ValueError on NaN/Inf rows of the hidden states or weight. When
             False a non-finite row gives non-finite outputs, dh rows and dW.
+            (Both checks need a host sync and are skipped inside torch.compile'd code.)
         chunk_tokens, chunk_vocab: tile sizes of the torch backend (rows x vocabulary
             columns per block); None for the defaults (1024 x 8192).
 """
@@ -218,7 +226,8 @@ def two_view_stats(
         hidden_a: [N, H] or [B, T, H] hidden states of view a (original image).
         hidden_b: same shape, view b (masked image). If it does not require grad, view b is a
             constant distribution: no gradient reaches weight through it (as autograd gives
-            for hidden_b @ weight.detach().T).
+            for hidden_b @ weight.detach().T). View a is always live: weight gets its
+            gradient through view a whether or not hidden_a requires grad.
         weight: [V, H] lm_head weight shared by both views.
         targets: [N] or [B, T] integer token ids (the same completion for both views).
     {common}

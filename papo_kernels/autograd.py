@@ -120,6 +120,9 @@ def _token_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, targets, logp, entropy, lse)
     ctx.opts = opts
     ctx.mark_non_differentiable(lse)
+    # Unused outputs then arrive as None, so the backend skips their dZ terms (and view b's
+    # logit tiles) instead of multiplying them by zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _token_backward(ctx, grad_logp, grad_entropy, _grad_lse):
@@ -231,6 +234,7 @@ def _two_view_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden_a, hidden_b, weight, targets, *output)
     ctx.opts = opts
     ctx.mark_non_differentiable(output[6], output[7])
+    ctx.set_materialize_grads(False)
 
 
 def _two_view_backward(ctx, g_lpa, g_lpb, g_ha, g_hb, g_kab, g_kba, _g_lse_a, _g_lse_b):
@@ -333,8 +337,9 @@ class FusedRun:
                     dh_b[r0:r1] = cb
             loss = loss.detach()
             total = loss if total is None else total + loss
-        dw = None if dw_acc is None else dw_acc.to(weight.dtype)
-        return total, dh_a, dh_b, dw
+        # dW stays in the fp32 accumulator until backward scales it (DESIGN.md: "the held dW
+        # (fp32)"); casting first would round grad_loss into a low-precision product.
+        return total, dh_a, dh_b, dw_acc
 
 
 class FusedLossFunction(torch.autograd.Function):
@@ -343,15 +348,23 @@ class FusedLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_a, hidden_b, weight, targets, run: FusedRun):
         need_a, need_b, need_w = ctx.needs_input_grad[:3]
-        loss, dh_a, dh_b, dw = run.execute(hidden_a, hidden_b, weight, targets, need_a, need_b, need_w)
-        ctx.save_for_backward(dh_a, dh_b, dw)
+        loss, dh_a, dh_b, dw_acc = run.execute(hidden_a, hidden_b, weight, targets, need_a, need_b, need_w)
+        ctx.save_for_backward(dh_a, dh_b, dw_acc)
+        ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        dh_a, dh_b, dw = ctx.saved_tensors
+        dh_a, dh_b, dw_acc = ctx.saved_tensors
 
-        def scaled(g):
-            return None if g is None else g * grad_loss.to(g.dtype)
+        def scaled(g, dtype):
+            # Scale in fp32 (fp64 for fp64) and round once: bf16(grad_loss) would bias the result.
+            if g is None:
+                return None
+            acc = compute_dtype(g.dtype)
+            return (g.to(acc) * grad_loss.to(acc)).to(dtype)
 
-        return scaled(dh_a), scaled(dh_b), scaled(dw), None, None
+        dw = None if dw_acc is None else scaled(dw_acc, ctx.weight_dtype)
+        dha = None if dh_a is None else scaled(dh_a, dh_a.dtype)
+        dhb = None if dh_b is None else scaled(dh_b, dh_b.dtype)
+        return dha, dhb, dw, None, None

@@ -137,3 +137,15 @@ def test_custom_ignore_index():
     t[0], t[1] = 7, 8
     s = pk.token_stats(a, w, t, ignore_index=7)
     assert s.logp[0] == 0 and s.entropy[0] == 0 and s.logp[1] != 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8])
+def test_narrow_integer_targets_are_rejected(dtype):
+    a, _, w, t = _inputs()
+    with pytest.raises(TypeError, match="targets must be int64 or int32"):
+        pk.token_stats(a, w, t.to(dtype))
+
+
+def test_int32_targets_work():
+    a, _, w, t = _inputs()
+    torch.testing.assert_close(pk.token_stats(a, w, t.int()).logp, pk.token_stats(a, w, t).logp)

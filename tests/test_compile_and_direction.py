@@ -20,7 +20,7 @@ def test_compiled_two_view_stats_matches_eager():
         s = pk.two_view_stats(ha, hb, ww, tt, temperature=0.8, backend="torch", chunk_vocab=16)
         return (0.3 * s.kl_ab - s.kl_ba + s.entropy_a - 0.5 * s.entropy_b + s.logp_a * s.logp_b).sum()
 
-    compiled = torch.compile(objective, backend="inductor")
+    compiled = torch.compile(objective, backend="inductor", fullgraph=True)
     results = []
     for fn in (objective, compiled):
         ha, hb, ww = (x.clone().requires_grad_() for x in (a, b, w))

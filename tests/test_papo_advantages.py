@@ -65,8 +65,8 @@ def test_online_filter_keeps_groups_strictly_inside():
     [
         (lambda: grpo_advantages(torch.ones(3), [0, 0, 1]), ValueError, "group_ids"),
         (lambda: grpo_advantages(torch.ones(3), [0, 0]), ValueError, "group_ids"),
-        (lambda: grpo_advantages(torch.ones(2, 2), [0, 0]), ValueError, "scores"),
-        (lambda: grpo_advantages([1.0, 0.0], [0, 0]), TypeError, "scores"),
+        (lambda: grpo_advantages(torch.ones(2, 2), [0, 0]), ValueError, "rewards"),
+        (lambda: grpo_advantages([1.0, 0.0], [0, 0]), TypeError, "rewards"),
         (lambda: grpo_advantages(torch.ones(2), "ab"), TypeError, "group_ids"),
         (lambda: online_filter(torch.ones(2), [0, 0], low=0.9, high=0.1), ValueError, "low < high"),
     ],

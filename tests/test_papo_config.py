@@ -115,3 +115,20 @@ def test_linear_schedule_hand_values():
 def test_coefficients_bad_input(step, total, name):
     with pytest.raises((ValueError, TypeError), match=name):
         PAPOConfig().coefficients(step, total)
+
+
+def test_seq_sum_norm_needs_its_constant_divisor():
+    with pytest.raises(ValueError, match="seq_sum_norm_divisor must be set"):
+        PAPOConfig(loss_agg="seq-sum-norm")
+    assert PAPOConfig(loss_agg="seq-sum-norm", seq_sum_norm_divisor=2048).seq_sum_norm_divisor == 2048
+
+
+def test_config_is_immutable_after_validation():
+    """Fields change only through dataclasses.replace, which validates again."""
+    import dataclasses
+
+    cfg = PAPOConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.estimator = "exact"
+    with pytest.raises(ValueError, match="masked_view"):
+        dataclasses.replace(cfg, estimator="exact")
