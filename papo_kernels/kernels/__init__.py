@@ -1,0 +1,158 @@
+"""Triton backend (`backend="triton"`): `forward_stats` / `backward_grads` with reference.py's signatures.
+
+Two execution strategies (DESIGN.md "Execution strategies"), chosen by `strategy`:
+
+- "workspace" (what "auto" picks): per chunk of C rows, one cuBLAS GEMM of the stacked views
+  into a bounded fp32 logit workspace, Triton epilogues for the statistics and dZ, cuBLAS GEMMs
+  for dh and dW (workspace.py, stats_workspace.py, grad_workspace.py);
+- "fused": logits in registers over vocabulary tiles, no logit buffer at all; deterministic
+  ownership sweeps for dh and dW, or fp32 atomics with PAPO_FUSED_ATOMICS=1 (fused.py,
+  stats_fused.py, grad_fused_dh.py, grad_fused_dw.py, grad_fused_atomic.py).
+
+Semantics are exactly reference.py's: fp32 math on fp16/bf16/fp32 inputs (outputs float32), rows
+whose target is ignore_index give 0 in every output and gradient, targets outside [0, V) give
+NaN outputs and gradients without a host sync, the vocabulary tail contributes exactly 0, and a
+constant view b (`hidden_b_is_constant`) sends no gradient to the weight. float64 inputs fall
+back to the reference implementation (Triton's fp64 dots are neither fast nor needed: fp64 is
+for gradchecks on tiny shapes).
+
+`chunk_tokens` is the workspace strategy's chunk size (rows per GEMM); the fused strategy ignores
+it. `chunk_vocab` is ignored: tile sizes come from the launch configs (_config.py), fixed per
+GPU family, autotuned with PAPO_AUTOTUNE=1, overridable with `_config.override_configs`.
+
+Importing this package needs `triton` but no GPU: every driver query is deferred and guarded.
+Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before importing
+triton), where half inputs are upcast to fp32 right after loading.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton  # noqa: F401  (ImportError here tells the dispatcher that Triton is missing)
+
+from papo_kernels import reference
+from papo_kernels.kernels import fused, workspace
+from papo_kernels.kernels._config import LaunchConfig, override_configs
+from papo_kernels.reference import RowGrads, RowStats
+
+__all__ = ["LaunchConfig", "backward_grads", "forward_stats", "override_configs"]
+
+STRATEGIES = ("auto", "workspace", "fused")
+_STAT_NAMES = ("logp_a", "entropy_a", "lse_a", "logp_b", "entropy_b", "lse_b", "kl_ab", "kl_ba")
+
+
+def _strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return "workspace" if strategy == "auto" else strategy
+
+
+def _unit_cols(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Kernels index columns with unit stride (rows may have any stride)."""
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def forward_stats(
+    hidden_a: torch.Tensor,
+    hidden_b: torch.Tensor | None,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
+    strategy: str = "auto",
+) -> RowStats:
+    """Phase 1 over all rows: hidden_* [N, H], weight [V, H], targets [N] -> RowStats ([N] each).
+
+    Outputs are float32 (float64 inputs: reference.forward_stats, float64 outputs).
+    """
+    strategy = _strategy(strategy)
+    if hidden_a.dtype == torch.float64:
+        return reference.forward_stats(
+            hidden_a, hidden_b, weight, targets, temperature=temperature, ignore_index=ignore_index,
+            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab, strategy=strategy,
+        )
+    n = hidden_a.shape[0]
+    two = hidden_b is not None
+    names = _STAT_NAMES if two else _STAT_NAMES[:3]
+    outs = {k: torch.empty(n, dtype=torch.float32, device=hidden_a.device) for k in names}
+    hidden_a, hidden_b, weight = _unit_cols(hidden_a), _unit_cols(hidden_b), _unit_cols(weight)
+    targets = targets.contiguous()
+    opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
+    if strategy == "workspace":
+        workspace.forward_stats(hidden_a, hidden_b, weight, targets, outs, chunk_tokens=chunk_tokens, **opts)
+    else:
+        fused.forward_stats(hidden_a, hidden_b, weight, targets, outs, **opts)
+    return RowStats(**outs)
+
+
+def backward_grads(
+    hidden_a: torch.Tensor,
+    hidden_b: torch.Tensor | None,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    stats: RowStats,
+    grads: RowGrads,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    need_hidden_a: bool = True,
+    need_hidden_b: bool = False,
+    weight_grad_acc: torch.Tensor | None = None,
+    hidden_b_is_constant: bool = True,
+    chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
+    strategy: str = "auto",
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Phase 2: returns (dh_a, dh_b) in the hidden dtype (None where not needed) and adds dW into
+    `weight_grad_acc` ([V, H], float32; float64 for float64 inputs) when given.
+
+    `hidden_b_is_constant`: view b is a detached distribution, so no dW flows through it.
+    float64 inputs: reference.backward_grads.
+    """
+    strategy = _strategy(strategy)
+    if hidden_a.dtype == torch.float64:
+        return reference.backward_grads(
+            hidden_a, hidden_b, weight, targets, stats, grads, temperature=temperature,
+            ignore_index=ignore_index, need_hidden_a=need_hidden_a, need_hidden_b=need_hidden_b,
+            weight_grad_acc=weight_grad_acc, hidden_b_is_constant=hidden_b_is_constant,
+            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab, strategy=strategy,
+        )
+    n, hid = hidden_a.shape
+    two = hidden_b is not None
+    device = hidden_a.device
+    dh_a = torch.empty((n, hid), dtype=hidden_a.dtype, device=device) if need_hidden_a else None
+    dh_b = torch.empty((n, hid), dtype=hidden_b.dtype, device=device) if (two and need_hidden_b) else None
+    b_in_dw = two and not hidden_b_is_constant
+    if dh_a is None and dh_b is None and weight_grad_acc is None:
+        return dh_a, dh_b
+    # The kernels add into a unit-column-stride fp32 accumulator; anything else goes via a copy.
+    acc = weight_grad_acc
+    if acc is not None and (acc.dtype != torch.float32 or acc.stride(1) != 1):
+        acc = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+    hidden_a, hidden_b, weight = _unit_cols(hidden_a), _unit_cols(hidden_b), _unit_cols(weight)
+    targets = targets.contiguous()
+    stats_d = {k: _f32(getattr(stats, k)) for k in ("lse_a", "entropy_a")}
+    if two:
+        stats_d.update({k: _f32(getattr(stats, k)) for k in ("lse_b", "entropy_b", "kl_ab", "kl_ba")})
+    grads_d = {k: _f32(getattr(grads, k)) for k in RowGrads._fields}
+    if not two:  # view-b gradients of a single view are meaningless: treat as zero
+        for k in ("logp_b", "entropy_b", "kl_ab", "kl_ba"):
+            grads_d[k] = None
+    opts = dict(b_in_dw=b_in_dw, temperature=float(temperature), ignore_index=int(ignore_index))
+    if strategy == "workspace":
+        workspace.backward_grads(hidden_a, hidden_b, weight, targets, stats_d, grads_d, dh_a, dh_b, acc,
+                                 chunk_tokens=chunk_tokens, **opts)
+    else:
+        fused.backward_grads(hidden_a, hidden_b, weight, targets, stats_d, grads_d, dh_a, dh_b, acc, **opts)
+    if acc is not None and acc is not weight_grad_acc:
+        weight_grad_acc += acc.to(weight_grad_acc.dtype)
+    return dh_a, dh_b
