@@ -1,6 +1,7 @@
 """Backend registry: which implementations of `forward_stats` / `backward_grads` exist here.
 
-A backend is a pair of functions with the signatures of papo_kernels/reference.py. The
+A backend is the functions `forward_stats`, `backward_grads` and optionally `loss_rows` with
+the signatures of papo_kernels/reference.py. The
 optional backends are imported lazily so that importing papo_kernels never fails on a machine
 without a GPU, without Triton or without the compiled extension.
 """
@@ -28,16 +29,17 @@ class Backend:
     name: str
     forward_stats: Callable
     backward_grads: Callable
+    loss_rows: Callable
 
 
 def _torch_backend() -> Backend:
     from papo_kernels import reference
 
-    return Backend("torch", reference.forward_stats, reference.backward_grads)
+    return Backend("torch", reference.forward_stats, reference.backward_grads, reference.loss_rows)
 
 
 def _optional_backend(name: str, module: str, missing: str) -> tuple[Backend | None, str]:
-    """(backend, reason): the backend if its module imports and exports both functions."""
+    """(backend, reason): the backend if its module imports and exports the interface."""
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:  # not built, or a dependency (triton) missing
@@ -46,7 +48,12 @@ def _optional_backend(name: str, module: str, missing: str) -> tuple[Backend | N
     bwd = getattr(mod, "backward_grads", None)
     if fwd is None or bwd is None:
         return None, missing
-    return Backend(name, fwd, bwd), ""
+    loss_rows = getattr(mod, "loss_rows", None)
+    if loss_rows is None:  # the generic loop over the backend's two phases
+        from papo_kernels import reference
+
+        loss_rows = functools.partial(reference.run_loss_rows, fwd, bwd)
+    return Backend(name, fwd, bwd, loss_rows), ""
 
 
 # Cached: a failed import is retried by Python on every attempt, and dispatch runs per call.

@@ -262,7 +262,7 @@ def _fused(hiddens, weight, targets, loss_fn, stats_type, temperature, ignore_in
         loss_fn,
         stats_type,
         dict(temperature=float(temperature), ignore_index=ignore_index, strategy=strategy,
-             chunk_tokens=None, chunk_vocab=chunk_vocab),
+             chunk_vocab=chunk_vocab),
         chunk_tokens,
     )
     targets = _flat(targets, False)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from papo_kernels._backends import resolve_backend
-from papo_kernels.reference import DEFAULT_CHUNK_TOKENS, RowGrads, RowStats, compute_dtype
+from papo_kernels.reference import RowGrads, RowStats, compute_dtype
 
 
 def _backend_kwargs(temperature, ignore_index, strategy, chunk_tokens, chunk_vocab):
@@ -276,8 +276,8 @@ class FusedRun:
         self.backend = backend
         self.loss_fn = loss_fn
         self.stats_type = stats_type  # TokenStats or TwoViewStats (public named tuples)
-        self.opts = opts
-        self.chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
+        self.opts = opts  # temperature, ignore_index, strategy, chunk_vocab
+        self.chunk_tokens = chunk_tokens  # None: the backend's default
         self.metrics: dict = {}
 
     def _public_stats(self, s: RowStats, leaves: bool):
@@ -302,44 +302,38 @@ class FusedRun:
             self.metrics[k] = self.metrics[k] + v if k in self.metrics else v
 
     def execute(self, hidden_a, hidden_b, weight, targets, need_a: bool, need_b: bool, need_w: bool):
-        """Returns (loss, dh_a, dh_b, dW) with gradients of the summed loss (None if not needed)."""
-        n = hidden_a.shape[0]
+        """Returns (loss, dh_a, dh_b, dW fp32 accumulator) of the summed loss (None if not needed).
+
+        The backend's `loss_rows` drives the chunks (it may split them further, e.g. to reuse
+        its logit workspace between the phases); `on_chunk` runs loss_fn on each chunk's
+        statistics and returns the upstream per-row gradients for the gradient sweep.
+        """
         need_any = need_a or need_b or need_w
         dh_a = torch.zeros_like(hidden_a) if need_a else None
         dh_b = torch.zeros_like(hidden_b) if need_b else None
         dw_acc = _weight_acc(weight, hidden_a, need_w)
-        total = None
-        # N = 0 still calls loss_fn once (on empty stats) so the metrics dict has its keys.
-        bounds = [(r0, min(r0 + self.chunk_tokens, n)) for r0 in range(0, n, self.chunk_tokens)] or [(0, 0)]
-        for r0, r1 in bounds:
-            h_a = hidden_a[r0:r1]
-            h_b = None if hidden_b is None else hidden_b[r0:r1]
-            t = targets[r0:r1]
-            stats = self.backend.forward_stats(h_a, h_b, weight, t, **self.opts)
+        total = []
+
+        def on_chunk(r0: int, r1: int, stats: RowStats) -> RowGrads | None:
             public = self._public_stats(stats, leaves=need_any)
             index = torch.arange(r0, r1, device=targets.device)
             with torch.enable_grad() if need_any else torch.no_grad():
                 loss, metrics = _check_loss_fn_result(self.loss_fn(public, index), r0, r1)
             self._add_metrics(metrics)
-            if need_any and loss.requires_grad:
-                grads = torch.autograd.grad(loss, list(public), allow_unused=True)
-                ca, cb = self.backend.backward_grads(
-                    h_a, h_b, weight, t, stats, self._row_grads(public, grads),
-                    need_hidden_a=need_a,
-                    need_hidden_b=need_b,
-                    weight_grad_acc=dw_acc,
-                    hidden_b_is_constant=not need_b,
-                    **self.opts,
-                )
-                if need_a:
-                    dh_a[r0:r1] = ca
-                if need_b:
-                    dh_b[r0:r1] = cb
-            loss = loss.detach()
-            total = loss if total is None else total + loss
+            total.append(loss.detach())
+            if not (need_any and loss.requires_grad):
+                return None
+            return self._row_grads(public, torch.autograd.grad(loss, list(public), allow_unused=True))
+
+        self.backend.loss_rows(
+            hidden_a, hidden_b, weight, targets, on_chunk,
+            dh_a=dh_a, dh_b=dh_b, weight_grad_acc=dw_acc, hidden_b_is_constant=not need_b,
+            chunk_tokens=self.chunk_tokens, **self.opts,
+        )
+        loss = total[0] if len(total) == 1 else torch.stack(total).sum()
         # dW stays in the fp32 accumulator until backward scales it (DESIGN.md: "the held dW
         # (fp32)"); casting first would round grad_loss into a low-precision product.
-        return total, dh_a, dh_b, dw_acc
+        return loss, dh_a, dh_b, dw_acc
 
 
 class FusedLossFunction(torch.autograd.Function):

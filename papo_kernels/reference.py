@@ -16,8 +16,10 @@ Memory: at most a few [chunk_tokens x chunk_vocab] blocks per view exist at once
 [N x V]. Everything is computed in float32 (float64 for float64 inputs): bf16/fp16 inputs
 are upcast per tile before the GEMM so no logit is ever rounded to low precision.
 
-This module is also the backend interface: a backend provides `forward_stats` and
-`backward_grads` with these signatures (papo_kernels/_backends.py dispatches). The torch
+This module is also the backend interface: a backend provides `forward_stats`,
+`backward_grads` and `loss_rows` (the gradient-in-forward loop of the fused calls, which a
+backend may specialize, e.g. to reuse its logit workspace between the two phases) with these
+signatures (papo_kernels/_backends.py dispatches). The torch
 backend has a single execution strategy and accepts any `strategy` value.
 """
 
@@ -305,3 +307,53 @@ def backward_grads(
         if dh_b is not None:
             dh_b[r0:r1] = dhb * inv_t
     return dh_a, dh_b
+
+
+def run_loss_rows(
+    forward_stats_fn,
+    backward_grads_fn,
+    hidden_a: torch.Tensor,
+    hidden_b: torch.Tensor | None,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    on_chunk,
+    *,
+    dh_a: torch.Tensor | None,
+    dh_b: torch.Tensor | None,
+    weight_grad_acc: torch.Tensor | None,
+    hidden_b_is_constant: bool = True,
+    chunk_tokens: int | None = None,
+    **opts,
+) -> None:
+    """Gradient in forward, chunk by chunk, from any backend's phase-1 and phase-2 functions.
+
+    For each chunk of rows [r0, r1): stats = phase 1, then `on_chunk(r0, r1, stats)` returns
+    the upstream RowGrads (or None: no gradient for this chunk), then phase 2 writes
+    dh_a[r0:r1] / dh_b[r0:r1] (preallocated [N, H] or None) and adds into weight_grad_acc.
+    N = 0 still calls on_chunk once, on empty statistics.
+    """
+    n = hidden_a.shape[0]
+    chunk = chunk_tokens or DEFAULT_CHUNK_TOKENS
+    bounds = [(r0, min(r0 + chunk, n)) for r0 in range(0, n, chunk)] or [(0, 0)]
+    need_a, need_b = dh_a is not None, dh_b is not None
+    for r0, r1 in bounds:
+        h_a = hidden_a[r0:r1]
+        h_b = None if hidden_b is None else hidden_b[r0:r1]
+        t = targets[r0:r1]
+        stats = forward_stats_fn(h_a, h_b, weight, t, **opts)
+        grads = on_chunk(r0, r1, stats)
+        if grads is None or not (need_a or need_b or weight_grad_acc is not None):
+            continue
+        ca, cb = backward_grads_fn(
+            h_a, h_b, weight, t, stats, grads, need_hidden_a=need_a, need_hidden_b=need_b,
+            weight_grad_acc=weight_grad_acc, hidden_b_is_constant=hidden_b_is_constant, **opts,
+        )
+        if need_a:
+            dh_a[r0:r1] = ca
+        if need_b:
+            dh_b[r0:r1] = cb
+
+
+def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, **kwargs) -> None:
+    """The torch backend's gradient-in-forward loop (see `run_loss_rows`)."""
+    run_loss_rows(forward_stats, backward_grads, hidden_a, hidden_b, weight, targets, on_chunk, **kwargs)

@@ -501,3 +501,23 @@ def test_gpu_bf16_default_configs(strategy, atomics, monkeypatch):
     for name, x, x_r, gt in zip(("dh_a", "dh_b", "dw"), g, g_r, (a.grad, b.grad, wl.grad)):
         atol = 4 * 2.0**-8 * float(gt.abs().max())
         assert_close_to_ref(x.cpu(), x_r.cpu(), gt, dtype=torch.bfloat16, name=name, atol=atol)
+
+
+def test_workspace_fused_loss_computes_each_logit_chunk_once(monkeypatch):
+    """The fused calls reuse the workspace logits for dZ: one logit GEMM per chunk, not two."""
+    from papo_kernels.kernels import workspace
+
+    calls = []
+    real = workspace._mm_f32
+    monkeypatch.setattr(workspace, "_mm_f32", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ha, hb, w, t = make_inputs(40, 16, 200, torch.float32, ignored=(3,))
+    a, wl = _leaves((ha, w), (True, True))
+    fn = _loss_fn(_coefs(40, 6), TWO_VIEW_OUTPUTS)
+    loss, _ = pk.fused_two_view_loss(a, hb, wl, t, fn, backend="triton", strategy="workspace", chunk_tokens=16)
+    loss.backward()
+    assert len(calls) == 3  # ceil(40 / 16) chunks
+    a2, wl2 = _leaves((ha, w), (True, True))
+    ref, _ = pk.fused_two_view_loss(a2, hb, wl2, t, fn, backend="torch")
+    ref.backward()
+    torch.testing.assert_close(a.grad, a2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(wl.grad, wl2.grad, rtol=1e-4, atol=1e-5)

@@ -35,7 +35,7 @@ from papo_kernels.kernels import fused, workspace
 from papo_kernels.kernels._config import LaunchConfig, override_configs
 from papo_kernels.reference import RowGrads, RowStats
 
-__all__ = ["LaunchConfig", "backward_grads", "forward_stats", "override_configs"]
+__all__ = ["LaunchConfig", "backward_grads", "forward_stats", "loss_rows", "override_configs"]
 
 STRATEGIES = ("auto", "workspace", "fused")
 _STAT_NAMES = ("logp_a", "entropy_a", "lse_a", "logp_b", "entropy_b", "lse_b", "kl_ab", "kl_ba")
@@ -156,3 +156,47 @@ def backward_grads(
     if acc is not None and acc is not weight_grad_acc:
         weight_grad_acc += acc.to(weight_grad_acc.dtype)
     return dh_a, dh_b
+
+
+def loss_rows(
+    hidden_a: torch.Tensor,
+    hidden_b: torch.Tensor | None,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    on_chunk,
+    *,
+    dh_a: torch.Tensor | None,
+    dh_b: torch.Tensor | None,
+    weight_grad_acc: torch.Tensor | None,
+    hidden_b_is_constant: bool = True,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
+    strategy: str = "auto",
+) -> None:
+    """The fused calls' gradient-in-forward loop (reference.run_loss_rows' contract).
+
+    The workspace strategy computes each chunk's logits once and reuses them for dZ (one GEMM
+    fewer per chunk than phase 1 + phase 2); the fused strategy, float64 inputs and N = 0 use
+    the generic loop over `forward_stats` / `backward_grads`.
+    """
+    strategy = _strategy(strategy)
+    generic = (strategy != "workspace" or hidden_a.dtype == torch.float64 or hidden_a.shape[0] == 0
+               or (weight_grad_acc is not None and (weight_grad_acc.dtype != torch.float32
+                                                    or weight_grad_acc.stride(1) != 1)))
+    if generic:
+        reference.run_loss_rows(
+            forward_stats, backward_grads, hidden_a, hidden_b, weight, targets, on_chunk,
+            dh_a=dh_a, dh_b=dh_b, weight_grad_acc=weight_grad_acc,
+            hidden_b_is_constant=hidden_b_is_constant, chunk_tokens=chunk_tokens,
+            temperature=temperature, ignore_index=ignore_index, chunk_vocab=chunk_vocab,
+            strategy=strategy,
+        )
+        return
+    two = hidden_b is not None
+    workspace.loss_rows(
+        _unit_cols(hidden_a), _unit_cols(hidden_b), _unit_cols(weight), targets.contiguous(), on_chunk,
+        dh_a, dh_b, weight_grad_acc, b_in_dw=two and not hidden_b_is_constant,
+        temperature=float(temperature), ignore_index=int(ignore_index), chunk_tokens=chunk_tokens,
+    )
