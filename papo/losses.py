@@ -375,22 +375,25 @@ def papo_loss(
     # half-precision statistics are upcast, as the official compute_kl does with .float()
     dtype = torch.promote_types(logp.dtype, torch.float32)
 
+    # One nonzero (one host sync) compacts the completion tokens; boolean-mask indexing would
+    # sync once per tensor.
+    rows = m.reshape(-1).nonzero().squeeze(-1)
+
     def pick(t: Tensor | None, detach: bool = False) -> Tensor | None:
         if t is None:
             return None
-        return (t.detach() if detach else t)[m].to(dtype)
+        return (t.detach() if detach else t).reshape(-1).index_select(0, rows).to(dtype)
 
     # Only masked_view="live" lets gradients through the masked view (as PAPOLoss does).
     frozen_masked = config.masked_view != "live"
 
-    seq_index = torch.arange(shape[0], device=logp.device).unsqueeze(-1).expand(shape)[m]
-    lengths = m.sum(-1)
+    seq_index = rows // shape[1]
     weights = _token_weights(
-        config, seq_index, lengths, num_valid_tokens=num_valid_tokens,
+        config, seq_index, m.sum(-1), num_valid_tokens=num_valid_tokens,
         num_valid_sequences=num_valid_sequences, num_micro_batches=num_micro_batches,
     ).to(dtype)
     token_loss, metric_values = _token_terms(
-        config, coefs, logp=logp[m].to(dtype), old_logp=pick(old_logp), advantages=adv[m].to(dtype),
+        config, coefs, logp=pick(logp), old_logp=pick(old_logp), advantages=pick(adv),
         masked_logp=pick(masked_logp, frozen_masked), ref_logp=pick(ref_logp), entropy=pick(entropy),
         masked_entropy=pick(masked_entropy, frozen_masked), kl_exact=pick(kl_prcp),
     )
