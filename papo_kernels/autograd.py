@@ -349,16 +349,22 @@ class FusedLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "the fused loss supports a single backward: its gradients are computed in the "
+                "forward and scaled in place (call the fused loss again for another backward)"
+            )
+        ctx.consumed = True
         dh_a, dh_b, dw_acc = ctx.saved_tensors
 
-        def scaled(g, dtype):
-            # Scale in fp32 (fp64 for fp64) and round once: bf16(grad_loss) would bias the result.
+        def scaled(g, dtype=None):
+            # Scale in place in the stored precision (fp32 for dW) and round once: no second
+            # dW-sized buffer, and bf16(grad_loss) never biases the result.
             if g is None:
                 return None
-            acc = compute_dtype(g.dtype)
-            return (g.to(acc) * grad_loss.to(acc)).to(dtype)
+            dtype = dtype or g.dtype
+            if g.dtype in (torch.float32, torch.float64):
+                return g.mul_(grad_loss.to(g.dtype)).to(dtype)
+            return (g.float() * grad_loss.float()).to(dtype)
 
-        dw = None if dw_acc is None else scaled(dw_acc, ctx.weight_dtype)
-        dha = None if dh_a is None else scaled(dh_a, dh_a.dtype)
-        dhb = None if dh_b is None else scaled(dh_b, dh_b.dtype)
-        return dha, dhb, dw, None, None
+        return scaled(dh_a), scaled(dh_b), scaled(dw_acc, ctx.weight_dtype), None, None

@@ -176,3 +176,13 @@ def test_stats_backward_skips_unused_terms(monkeypatch):
     (grads,) = seen
     assert grads.kl_ba is not None
     assert all(g is None for name, g in grads._asdict().items() if name != "kl_ba")
+
+
+def test_fused_loss_refuses_a_second_backward():
+    """Gradients are scaled in place on backward: a second backward must fail loudly, not double."""
+    ha, _, w, t, *_ = _inputs(n=8)
+    ha.requires_grad_()
+    loss, _ = pk.fused_token_loss(ha, w, t, lambda s, i: (s.logp.sum(), {}), backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="single backward"):
+        loss.backward()
