@@ -272,7 +272,7 @@ def backward_grads(
             w_tile = weight[v0:v1].to(acc)
             in_tile = (t >= v0) & (t < v1)
             local = (t - v0).clamp(0, v1 - v0 - 1)[:, None]
-            lp_a = _tile_logits(ha, w_tile, temperature) - lse_a
+            lp_a = _tile_logits(ha, w_tile, temperature).sub_(lse_a)
             p_a = torch.exp(lp_a)
             dz_a = torch.zeros_like(p_a)
             dz_b = None
@@ -283,7 +283,7 @@ def backward_grads(
             if g.entropy_a is not None:
                 dz_a -= g.entropy_a[:, None] * p_a * (lp_a + ent_a)
             if need_b_tile:
-                lp_b = _tile_logits(hb, w_tile, temperature) - lse_b
+                lp_b = _tile_logits(hb, w_tile, temperature).sub_(lse_b)
                 p_b = torch.exp(lp_b)
                 if g.kl_ab is not None:
                     dz_a += g.kl_ab[:, None] * p_a * (lp_a - lp_b - kl_ab)
@@ -300,15 +300,16 @@ def backward_grads(
                         dz_b += g.kl_ab[:, None] * (p_b - p_a)
                     if g.kl_ba is not None:
                         dz_b += g.kl_ba[:, None] * p_b * (lp_b - lp_a - kl_ba)
+            # In-place GEMM accumulation: no [C, H] or [v, H] temporaries.
             if dha is not None:
-                dha += dz_a @ w_tile
+                dha.addmm_(dz_a, w_tile)
             if dhb is not None:
-                dhb += dz_b @ w_tile
+                dhb.addmm_(dz_b, w_tile)
             if need_dw:
-                dw = dz_a.T @ ha
+                acc_tile = weight_grad_acc[v0:v1]
+                acc_tile.addmm_(dz_a.T, ha, alpha=inv_t)
                 if dz_b is not None and not hidden_b_is_constant:
-                    dw += dz_b.T @ hb
-                weight_grad_acc[v0:v1] += dw * inv_t
+                    acc_tile.addmm_(dz_b.T, hb, alpha=inv_t)
         if dh_a is not None:
             dh_a[r0:r1] = dha * inv_t
         if dh_b is not None:
