@@ -172,3 +172,94 @@ def test_bad_model_dir_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="qwen2_5_vl"):
         load_policy(tmp_path, dtype=torch.float32, attn_implementation="sdpa")
+
+
+# --------------------------------------------------------------------------- data parallel vs one process
+
+
+class FixedRollouts:
+    """A rollout engine whose responses depend only on the prompt's image and the sample index,
+    so every process count samples the same responses (some right, some wrong, some unfinished)."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoProcessor
+
+        from train.data import ANSWERS
+
+        tok = AutoProcessor.from_pretrained(model_dir, local_files_only=True).tokenizer
+        self.eos = tok.convert_tokens_to_ids("<|im_end|>")
+        answers = sorted({a for v in ANSWERS.values() for a in v})
+        self.responses = [tok(f"<think> The answer is {a}. </think> \\boxed{{{a}}}",
+                              add_special_tokens=False)["input_ids"] for a in answers]
+
+    def generate(self, prompts, params):
+        from train.rollout import Completion
+
+        out = []
+        for p in prompts:
+            key = int(p.pixel_values.double().sum().mul(1e3).round().item())
+            comps = []
+            for j in range(params.n):
+                ids = list(self.responses[(key + 5 * j) % len(self.responses)])
+                finished = (key + j) % 3 != 0
+                ids = ids + [self.eos] if finished else ids[: len(ids) - key % 4]
+                ids = ids[: params.max_new_tokens]
+                done = finished and ids[-1] == self.eos
+                comps.append(Completion(torch.tensor(ids, dtype=torch.long), done))
+            out.append(comps)
+        return out
+
+
+def _dp_worker(out: str, rank: int, world: int, port: int, extra: str) -> None:
+    """One process of `test_two_processes_match_one` (run through `python -c`)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from train.trainer import Trainer
+
+    cfg = make_cfg(Path(out), *json.loads(extra))
+    tr = Trainer(cfg, rollout_engine=FixedRollouts(Path(out) / "tiny_model"))
+    try:
+        recs = tr.train()
+        params = tr.full_state_dict()
+    finally:
+        tr.close()
+    if rank == 0:
+        torch.save({"records": recs, "params": params}, Path(out) / "result.pt")
+
+
+def _launch(out: Path, world: int, extra: list[str]) -> dict:
+    from train.trainer import _free_port
+
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", "from tests.test_train_trainer import _dp_worker; "
+                               f"_dp_worker({str(out)!r}, {r}, {world}, {port}, {json.dumps(extra)!r})"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, text in zip(procs, logs):
+        assert p.returncode == 0, text[-4000:]
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+def test_two_processes_match_one(assets, tmp_path):
+    """loss_scale="global": 2 processes x 2 micro-batches == 1 process on the whole mini-batch."""
+    common = ["trainer.max_steps=1", "checkpoint.save_every=0", "papo.loss_scale=global",
+              "data.max_response_length=24", "trainer.rollout_batch_size=8", "trainer.mini_batch_size=4",
+              "rollout.n=2"]
+    one = _launch(fresh_dir(assets, tmp_path, "one"), 1, [*common, "trainer.micro_batch_size=8"])
+    two = _launch(fresh_dir(assets, tmp_path, "two"), 2, [*common, "trainer.micro_batch_size=2"])
+    (r1,), (r2,) = one["records"], two["records"]
+    assert r1["optimizer_steps"] == r2["optimizer_steps"] == 2  # the second mini-batch is off-policy
+    for key in ("reward/mean", "reward/accuracy", "reward/format", "response/length_mean",
+                "rollout/kl_perception_exact", "rollout/entropy_full_exact"):
+        assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-6), key
+    assert 0 < r1["reward/accuracy"] < 1  # non-zero advantages: the test exercises the policy gradient
+    # the pre-clip norm of the data-parallel mean gradient: a wrong loss scale changes it (Adam's
+    # update is nearly scale-free, so the weights alone would not show a global factor)
+    assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4)
+    p1, p2 = one["params"], two["params"]
+    for k in p1:
+        # Adam's first steps, lr * g / (|g| + eps), turn fp32 summation-order differences into up to
+        # ~1e-3 * lr on weights whose gradient is ~eps; a wrong normalization moves weights by O(lr).
+        torch.testing.assert_close(p1[k], p2[k], atol=1e-2 * 1e-2, rtol=1e-5, msg=lambda m: f"{k}: {m}")

@@ -277,6 +277,10 @@ class EvalConfig:
     """Evaluation max pixels (PAPO-Eval 768*768, smaller than training's)."""
     limit: int = 0
     """Evaluate only the first N validation questions (0: all)."""
+    black_images: bool = False
+    """After training, also evaluate the final policy with every image replaced by a black one
+    and report it next to the blind baseline (the evaluated questions' question-aware
+    majority-answer rate): a policy that reads the image falls to about that rate."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "eval.every", "must be >= 0")
@@ -324,8 +328,15 @@ class RunConfig:
     deterministic: bool = False
     """Deterministic mode: fixed thread count, deterministic torch algorithms and reductions,
     so that a resumed run matches an uninterrupted one bitwise on CPU."""
+    num_threads: int = 0
+    """torch intra-op CPU threads per process (0: torch's default, one per core). Small models
+    on a shared CPU run far faster with 1: with more, every op's parallel region waits for
+    descheduled threads (measured 10-40x slower per step under load on 2 cores). Deterministic
+    mode uses 1 unless this is set."""
     log_every: int = 1
     """Print a metrics line every N rollout steps (JSONL records every step)."""
+    plot: bool = True
+    """Render the PNG curves of `python -m train.plot` into `<out_dir>/plots` at the end."""
     tensorboard: bool = True
     """Also write metrics to TensorBoard (`<out_dir>/tb`) when tensorboard is installed."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -351,6 +362,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.papo, dict), "papo", f"must be a mapping, got {type(self.papo).__name__}")
         _require(self.log_every >= 1, "log_every", "must be >= 1")
+        _require(self.num_threads >= 0, "num_threads", "must be >= 0")
         _require((self.trainer.rollout_batch_size * self.rollout.n) >= 1, "rollout.n", "must be >= 1")
 
     def papo_config(self):

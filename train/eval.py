@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--black-images", action="store_true", help="replace every image by a black one")
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    parser.add_argument("--num-threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default; 1 is fastest for tiny models)")
     args = parser.parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
 
     torch.manual_seed(args.seed)
     model, processor = load_policy(args.model, dtype=torch.float32, attn_implementation="sdpa")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.batching import Sequence, encode_prompt, gather_response_hidden, pack
+from train.batching import Sequence, encode_prompt, gather_response_hidden, pack, plan_micro_batches
 from train.data import ANSWERS
 
 log = logging.getLogger("train.sft")
@@ -60,17 +60,26 @@ def run_sft(policy, processor, dataset, cfg, *, out_dir: str | Path) -> list[flo
             target = sft_target(item["answer"], item.get("category", ""), s.response_template, rng, s.label_noise)
             ids = tok(target, add_special_tokens=False)["input_ids"] + [eos]
             seqs.append(Sequence(cache[i], torch.tensor(ids, dtype=torch.long)))
-        batch = pack(policy.model, seqs)
-        hidden = gather_response_hidden(policy.model(**batch.model_inputs()).last_hidden_state, batch)
-        targets = batch.response_ids.masked_fill(batch.response_mask == 0, -100)
-        w = policy.lm_head.weight
-        st = token_stats(hidden, w, targets)
-        loss = -(st.logp * batch.response_mask).sum() / batch.response_mask.sum()
+        # The same packed micro-batches as PAPO (a packed row's attention mask is dense, so its
+        # cost grows with the square of the row length: small micro-batches are much faster).
+        # The loss is the step's token mean, accumulated over micro-batches.
+        plan = plan_micro_batches([len(q) for q in seqs], max_seqs=cfg.trainer.micro_batch_size,
+                                  max_tokens=cfg.trainer.micro_batch_tokens)
+        n_tokens = sum(int(q.response_ids.numel()) for q in seqs)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_value = 0.0
+        for group in plan:
+            batch = pack(policy.model, [seqs[i] for i in group])
+            hidden = gather_response_hidden(policy.model(**batch.model_inputs()).last_hidden_state, batch)
+            targets = batch.response_ids.masked_fill(batch.response_mask == 0, -100)
+            w = policy.lm_head.weight
+            st = token_stats(hidden, w, targets)
+            loss = -(st.logp * batch.response_mask).sum() / n_tokens
+            loss.backward()
+            loss_value += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss_value)
         if step % 20 == 0 or step == s.steps - 1:
             log.info("sft step %d/%d nll %.4f", step + 1, s.steps, losses[-1])
     out = Path(out_dir)

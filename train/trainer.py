@@ -24,7 +24,10 @@
 Checkpoints (DeepSpeed state + trainer state: step, data cursor, RNG) are
 written to a temporary directory and renamed into place, so a kill during a
 write never replaces the previous good one; `train()` resumes from the newest
-complete checkpoint. Metrics go to `<out_dir>/metrics.jsonl` (and TensorBoard).
+complete checkpoint. Metrics go to `<out_dir>/metrics.jsonl` (and TensorBoard). At the end,
+`<out_dir>/eval.md` and `eval_final.json` compare the step-0 (warm-started) and final avg@k
+on the same validation questions, with the black-image check when `eval.black_images` is
+set, and `<out_dir>/plots/` holds the curves of `python -m train.plot`.
 """
 
 from __future__ import annotations
@@ -106,15 +109,18 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
-def set_deterministic(enabled: bool, seed: int) -> None:
-    """Seed every generator; in deterministic mode also fix threads and algorithms."""
+def set_deterministic(enabled: bool, seed: int, num_threads: int = 0) -> None:
+    """Seed every generator; set the thread count; in deterministic mode also fix algorithms."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if num_threads:
+        torch.set_num_threads(num_threads)
     if enabled:
         # A fixed thread count fixes the order of CPU reductions; with deterministic
         # algorithms a resumed run reproduces an uninterrupted one bit for bit.
-        torch.set_num_threads(1)
+        if not num_threads:
+            torch.set_num_threads(1)
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
@@ -367,7 +373,7 @@ class Trainer:
         if cfg.rollout.n < 2 and cfg.trainer.advantage == "grpo":
             raise ConfigError("rollout.n must be >= 2 for GRPO advantages (group std)")
         self.rank, self.world = init_distributed()
-        set_deterministic(cfg.deterministic, cfg.seed)
+        set_deterministic(cfg.deterministic, cfg.seed, cfg.num_threads)
         self.out = Path(cfg.out_dir)
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
             if torch.cuda.is_available() else torch.device("cpu")
@@ -737,11 +743,20 @@ class Trainer:
         """Global grad norm before the step where gradients are materialized (ZeRO 0/1)."""
         if self.cfg.trainer.zero_stage >= 2:
             return None
+        grads = [p.grad.detach() for p in self.module.parameters() if p.grad is not None]
+        if self.world > 1:
+            # ZeRO 0/1 average the ranks' gradients inside engine.step(); the norm that clipping
+            # uses is the mean's, so form the mean here (one extra all-reduce of the gradients;
+            # the sum of per-rank squared norms would be a different number).
+            # (every trainable parameter, zeros where this rank has no gradient: same length on all ranks)
+            flat = torch.cat([torch.zeros(1, dtype=torch.float64, device=self.device)] + [
+                (p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                for p in self.module.parameters() if p.requires_grad])
+            all_reduce_(flat)
+            return float(flat.div_(self.world).norm())
         sq = torch.zeros((), dtype=torch.float64)
-        for p in self.module.parameters():
-            if p.grad is not None:
-                sq += p.grad.detach().double().pow(2).sum().cpu()
-        all_reduce_(sq.view(1))
+        for g in grads:
+            sq += g.double().pow(2).sum().cpu()
         return float(sq.sqrt())
 
     # ------------------------------------------------------------------ one rollout step
@@ -933,6 +948,13 @@ class Trainer:
             self._log_eval(final=True)
         if c.checkpoint.export_hf:
             self.export_hf(self.out / "hf_model")
+        if c.plot and self.rank == 0:
+            try:
+                from train.plot import plot_run
+
+                plot_run(self.out)
+            except ImportError as e:  # matplotlib is optional
+                log.warning("no plots (%s); install matplotlib, then `python -m train.plot %s`", e, self.out)
         return records
 
     def _log_eval(self, final: bool = False) -> dict[str, float]:
@@ -941,9 +963,59 @@ class Trainer:
         self.metrics.log(rec)
         if self.rank == 0:
             log.info("eval at step %d: %s", self.step, json.dumps(res))
-            if final:
-                (self.out / "eval_final.json").write_text(json.dumps(rec, indent=2) + "\n")
+        if final:
+            self._final_report(rec)
         return res
+
+    def _blind_baseline(self) -> float:
+        """Question-aware majority-answer rate of the evaluated validation questions."""
+        from collections import Counter
+
+        n = min(self.cfg.eval.limit, len(self.val_ds)) if self.cfg.eval.limit else len(self.val_ds)
+        by_q: dict[str, list[str]] = {}
+        for i in range(n):
+            row = self.val_ds.records[self.val_ds.indices[i]]
+            key = str(row.get("category") or row[self.cfg.data.prompt_key])
+            by_q.setdefault(key, []).append(str(row[self.cfg.data.answer_key]))
+        return sum(Counter(a).most_common(1)[0][1] for a in by_q.values()) / max(n, 1)
+
+    def _final_report(self, final: dict[str, Any]) -> None:
+        """eval_final.json and eval.md: warm-started (step 0) vs final avg@k, black-image check."""
+        from train.eval import to_markdown
+
+        k = self.cfg.eval.k
+        key = f"eval/avg@{k}"
+        black = self.evaluate(black_images=True) if self.cfg.eval.black_images else None
+        if self.rank != 0:
+            return
+        report: dict[str, Any] = dict(final)
+        start = None
+        if self.metrics.path.exists():
+            for line in self.metrics.path.read_text().splitlines():
+                r = json.loads(line) if line.strip() else {}
+                if r.get("step") == 0 and key in r:
+                    start = r
+        rows = {}
+        if start is not None:
+            report["initial"] = {k2[5:]: v for k2, v in start.items() if k2.startswith("eval/")}
+            report[f"delta_avg@{k}"] = final[key] - start[key]
+            rows["initial policy (step 0)"] = report["initial"]
+        rows[f"final policy (step {self.step})"] = {k2[5:]: v for k2, v in final.items()
+                                                    if k2.startswith("eval/")}
+        if black is not None:
+            baseline = self._blind_baseline()
+            report["black_images"] = black
+            report["blind_baseline"] = baseline
+            report["black_images_margin"] = black[f"avg@{k}"] - baseline
+            rows[f"final policy, black images (blind baseline {100 * baseline:.2f}%)"] = black
+            self.metrics.log({"step": self.step, **{f"eval_black/{k2}": v for k2, v in black.items()}})
+        (self.out / "eval_final.json").write_text(json.dumps(report, indent=2) + "\n")
+        md = to_markdown(rows, k).rsplit("| **overall**", 1)[0]
+        if start is not None:
+            delta = 100 * report[f"delta_avg@{k}"]
+            md += f"\navg@{k} change: {delta:+.2f} points on {final['eval/questions']} questions\n"
+        (self.out / "eval.md").write_text(md)
+        log.info("evaluation (avg@%d, %d questions):\n%s", k, final["eval/questions"], md)
 
     def close(self) -> None:
         """Release the grader workers and the metrics writer."""
