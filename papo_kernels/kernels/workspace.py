@@ -59,6 +59,23 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             acc[v0:v0 + step] += torch.mm(a[v0:v0 + step], b, out_dtype=torch.float32)
 
 
+def _grad_gemms(dz, x, w_g, r0, r1, dh_a, dh_b, weight_grad_acc, b_in_dw) -> None:
+    """The chunk's gradient GEMMs from its dZ workspace ([views * C, V], rows r0:r1 of N):
+    dh = dZ W per view (fp32 accumulation inside cuBLAS, one rounding into dh's dtype), and
+    dW += dZ^T h for view a and the live view b, stacked into one GEMM."""
+    c = r1 - r0
+    for dh, dz_view in ((dh_a, dz[:c]), (dh_b, dz[c:2 * c])):
+        if dh is None:
+            continue
+        if dh.dtype == w_g.dtype:
+            torch.mm(dz_view, w_g, out=dh[r0:r1])
+        else:
+            dh[r0:r1] = torch.mm(dz_view, w_g)
+    if weight_grad_acc is not None:
+        rows = 2 * c if b_in_dw else c
+        _addmm_f32_(weight_grad_acc, dz[:rows].T, x[:rows])
+
+
 def chunk_rows(n: int, vocab: int, views: int, gemm_dtype: torch.dtype, chunk_tokens: int | None) -> int:
     """Rows per chunk: `chunk_tokens`, else the largest multiple of 64 within the workspace bound."""
     if chunk_tokens:
@@ -139,18 +156,7 @@ def backward_grads(hidden_a, hidden_b, weight, targets, stats, grads, dh_a, dh_b
             {k: (None if v is None else v[r0:r1]) for k, v in grads.items()},
             temperature=temperature, ignore_index=ignore_index, config=config,
         )
-        # dh = dZ W: one GEMM per view, fp32 accumulation inside cuBLAS, one rounding
-        for dh, dz_view in ((dh_a, dz[:c]), (dh_b, dz[c:] if need_dz_b else None)):
-            if dh is None:
-                continue
-            if dh.dtype == gemm_dtype:
-                torch.mm(dz_view, w_g, out=dh[r0:r1])
-            else:
-                dh[r0:r1] = torch.mm(dz_view, w_g)
-        # dW += dZ^T h for view a (and the live view b), stacked into one GEMM
-        if need_dw:
-            rows = 2 * c if b_in_dw else c
-            _addmm_f32_(weight_grad_acc, dz[:rows].T, x[:rows])
+        _grad_gemms(dz, x, w_g, r0, r1, dh_a, dh_b, weight_grad_acc, b_in_dw)
 
 
 def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, dh_a, dh_b, weight_grad_acc, *,
@@ -212,13 +218,4 @@ def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, dh_a, dh_b, weight_
             z[:c], z[c:] if load_b else None, dz[:c] if need_dz_a else None,
             dz[c:] if need_dz_b else None, t, stats_d, grads_d, config=dz_config, **opts,
         )
-        for dh, dz_view in ((dh_a, dz[:c]), (dh_b, dz[c:] if need_dz_b else None)):
-            if dh is None:
-                continue
-            if dh.dtype == gemm_dtype:
-                torch.mm(dz_view, w_g, out=dh[r0:r1])
-            else:
-                dh[r0:r1] = torch.mm(dz_view, w_g)
-        if need_dw:
-            rows = 2 * c if b_in_dw else c
-            _addmm_f32_(weight_grad_acc, dz[:rows].T, x[:rows])
+        _grad_gemms(dz, x, w_g, r0, r1, dh_a, dh_b, weight_grad_acc, b_in_dw)
