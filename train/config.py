@@ -55,8 +55,6 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype. "bfloat16" runs DeepSpeed bf16 with fp32 master weights (lr 1e-6
     updates vanish if the weights themselves are bf16)."""
-    fp32_lm_head: bool = False
-    """Keep the lm_head weight in fp32 under bf16 (the loss kernels read it in its dtype)."""
     freeze_vision_tower: bool = False
     """Freeze the vision encoder (the official recipe trains it)."""
     gradient_checkpointing: bool = False
