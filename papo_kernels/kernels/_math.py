@@ -27,6 +27,14 @@ import triton
 import triton.language as tl
 
 
+def _has(name: str):
+    return lambda args: args[name] is not None
+
+
+# triton.heuristics flags of the gradient kernels: an upstream gradient passed as None is zero,
+# and its dZ terms are compiled out.
+UPSTREAM_GRAD_FLAGS = {f"HAS_G_{k}": _has(f"G_{k}") for k in ("LPA", "HA", "LPB", "HB", "KAB", "KBA")}
+
 @triton.jit
 def row_masks(tgt, rows, N, V, ignore_index):
     """(in_range, valid, bad) per row: valid = not ignored, bad = valid with target outside [0, V)."""

@@ -21,7 +21,14 @@ import triton
 import triton.language as tl
 
 from papo_kernels.kernels import _config
-from papo_kernels.kernels._math import dz_tiles, load_row_grads, load_row_stats, logit_tiles, row_masks
+from papo_kernels.kernels._math import (
+    UPSTREAM_GRAD_FLAGS,
+    dz_tiles,
+    load_row_grads,
+    load_row_stats,
+    logit_tiles,
+    row_masks,
+)
 
 _HEURISTICS = {
     "TWO_VIEW": lambda args: args["HB"] is not None,
@@ -29,12 +36,7 @@ _HEURISTICS = {
         args["G_KAB"] is not None or args["G_KBA"] is not None or args["DH_B"] is not None),
     "NEED_DZ_A": lambda args: args["DH_A"] is not None,
     "NEED_DZ_B": lambda args: args["DH_B"] is not None,
-    "HAS_G_LPA": lambda args: args["G_LPA"] is not None,
-    "HAS_G_HA": lambda args: args["G_HA"] is not None,
-    "HAS_G_LPB": lambda args: args["G_LPB"] is not None,
-    "HAS_G_HB": lambda args: args["G_HB"] is not None,
-    "HAS_G_KAB": lambda args: args["G_KAB"] is not None,
-    "HAS_G_KBA": lambda args: args["G_KBA"] is not None,
+    **UPSTREAM_GRAD_FLAGS,
 }
 
 

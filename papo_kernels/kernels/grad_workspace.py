@@ -19,19 +19,20 @@ import triton
 import triton.language as tl
 
 from papo_kernels.kernels import _config
-from papo_kernels.kernels._math import dz_tiles, load_row_grads, load_row_stats, row_masks
+from papo_kernels.kernels._math import (
+    UPSTREAM_GRAD_FLAGS,
+    dz_tiles,
+    load_row_grads,
+    load_row_stats,
+    row_masks,
+)
 
 
 @triton.heuristics({
     "LOAD_B": lambda args: args["ZB"] is not None,
     "NEED_DZ_A": lambda args: args["DZA"] is not None,
     "NEED_DZ_B": lambda args: args["DZB"] is not None,
-    "HAS_G_LPA": lambda args: args["G_LPA"] is not None,
-    "HAS_G_HA": lambda args: args["G_HA"] is not None,
-    "HAS_G_LPB": lambda args: args["G_LPB"] is not None,
-    "HAS_G_HB": lambda args: args["G_HB"] is not None,
-    "HAS_G_KAB": lambda args: args["G_KAB"] is not None,
-    "HAS_G_KBA": lambda args: args["G_KBA"] is not None,
+    **UPSTREAM_GRAD_FLAGS,
 })
 @triton.jit
 def _workspace_dz_kernel(

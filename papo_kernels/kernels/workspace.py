@@ -24,7 +24,7 @@ import torch
 from papo_kernels.kernels import _config
 from papo_kernels.kernels.grad_workspace import workspace_dz
 from papo_kernels.kernels.stats_workspace import workspace_stats
-from papo_kernels.reference import RowGrads, RowStats
+from papo_kernels.reference import RowStats
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -180,7 +180,7 @@ def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, dh_a, dh_b, weight_
     dz_ws = ws if gemm_dtype == torch.float32 else torch.empty_like(ws, dtype=gemm_dtype)
     stats_config = _config.get_config("workspace_stats", device, hidden_a.dtype, c_max, vocab, hid)
     dz_config = _config.get_config("workspace_dz", device, hidden_a.dtype, c_max, vocab, hid)
-    names = ("logp_a", "entropy_a", "lse_a") + (("logp_b", "entropy_b", "lse_b", "kl_ab", "kl_ba") if two else ())
+    names = RowStats._fields if two else RowStats._fields[:3]
     valid = targets != ignore_index
     zero = torch.zeros((), dtype=gemm_dtype, device=device)
     opts = dict(temperature=temperature, ignore_index=ignore_index)
@@ -204,8 +204,8 @@ def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, dh_a, dh_b, weight_
         need_dz_b = two and (dh_b is not None or (need_dw and b_in_dw))
         if grads is None or not (need_dz_a or need_dz_b):
             continue
-        grads_d = {k: (None if getattr(grads, k) is None else getattr(grads, k).to(torch.float32).contiguous())
-                   for k in RowGrads._fields}
+        grads_d = {k: (None if g is None else g.to(torch.float32).contiguous())
+                   for k, g in grads._asdict().items()}
         if not two:
             for k in ("logp_b", "entropy_b", "kl_ab", "kl_ba"):
                 grads_d[k] = None
