@@ -28,6 +28,10 @@ class EncodedPrompt:
     pixel_values: [P, C*t*p*p] float32 patches of all the prompt's images (None if no image).
     masked_pixel_values: same shape, from the masked images (None until masking).
     image_grid_thw: [num_images, 3] int64 (None if no image).
+    raw_images: the prompt's original (unmasked) RGB PIL images after `process_image`, i.e.
+        what the processor patchified; engines that preprocess images themselves (vLLM) need them.
+    prompt_text: the chat-templated prompt text (one `<|vision_start|><|image_pad|><|vision_end|>`
+        per image, unexpanded).
     """
 
     input_ids: torch.Tensor
@@ -35,6 +39,8 @@ class EncodedPrompt:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     masked_pixel_values: torch.Tensor | None = None
+    raw_images: list | None = None
+    prompt_text: str | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
@@ -64,6 +70,8 @@ def encode_prompt(processor, prompt: str, images, *, min_pixels: int, max_pixels
         else torch.zeros_like(enc["input_ids"][0]),
         pixel_values=enc.get("pixel_values"),
         image_grid_thw=enc.get("image_grid_thw"),
+        raw_images=list(images),
+        prompt_text=text,
     )
     if masked_images is not None:
         if len(masked_images) != len(images):

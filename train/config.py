@@ -44,6 +44,37 @@ def _require(cond: bool, key: str, msg: str) -> None:
 
 
 @dataclass(kw_only=True)
+class LoRAConfig:
+    """Low-rank adapters (peft) on the language model's linear layers; rank 0 disables them.
+
+    With LoRA only the adapters train: the vision tower, the embeddings and the lm_head stay
+    frozen (so the fused loss computes no dW), the HF export merges the adapters into plain
+    Qwen2.5-VL weights, and checkpoints hold the adapters with the frozen base."""
+
+    rank: int = 0
+    """Adapter rank r (0: full fine-tuning, no adapters)."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is (alpha / r) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (keep 0 for exact on-policy ratios on the first
+    mini-batch: dropout makes the update forward differ from the no-grad log-prob pass)."""
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names of the language model's linear layers that get adapters (the vision tower's
+    layers of the same names are never adapted)."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, "model.lora.rank", f"must be >= 0, got {self.rank}")
+        _require(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        allowed = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        _require(len(self.target_modules) > 0, "model.lora.target_modules", "must not be empty")
+        for name in self.target_modules:
+            _require(name in allowed, "model.lora.target_modules",
+                     f"unknown layer {name!r}; choose from {allowed}")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """Which model to train and how its weights are held."""
 
@@ -54,17 +85,30 @@ class ModelConfig:
     """Shape of the tiny model (used only when `path` is empty)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype. "bfloat16" runs DeepSpeed bf16 with fp32 master weights (lr 1e-6
-    updates vanish if the weights themselves are bf16)."""
+    updates vanish if the weights themselves are bf16). Micro-batch gradients are summed in
+    the dtype DeepSpeed picks for the ZeRO stage (bf16 at ZeRO-0, where its FP16_Optimizer
+    path holds the fp32 masters); the 3B/7B recipes use ZeRO-3."""
     freeze_vision_tower: bool = False
     """Freeze the vision encoder (the official recipe trains it)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward (the official recipe enables it at 7B)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel; packed micro-batches need "sdpa" or "flash_attention_2"."""
+    fp32_lm_head: bool = False
+    """Compute the head in fp32 in bf16 runs: every log-prob, entropy and KL pass (and the
+    loss) multiplies fp32 upcasts of the hidden states and of the head's bf16 working weight,
+    so the [tokens x vocab] logits are fp32 GEMM results instead of bf16-input GEMMs with fp32
+    accumulation; the head's update still lands in DeepSpeed's fp32 master weight. Costs an
+    fp32 copy of the head weight per call (2.2 GB at 7B) and fp32 GEMM speed. No effect in
+    float32 runs. Rollouts sample from the model's own head."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Optional LoRA adapters (`lora.rank` > 0)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.tiny, dict):  # YAML gives a mapping; keep the spec's own validation
             self.tiny = TinyModelSpec(**self.tiny)
+        if isinstance(self.lora, dict):
+            self.lora = _build(LoRAConfig, self.lora, "model.lora")
 
 
 @dataclass(kw_only=True)
@@ -134,11 +178,43 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class VLLMConfig:
+    """The vLLM rollout engine (`rollout.engine: vllm`; needs `pip install vllm`)."""
+
+    gpu_memory_utilization: float = 0.5
+    """Fraction of the GPU's memory vLLM may take (weights + KV cache); the training state
+    shares the same GPU."""
+    tensor_parallel_size: int = 1
+    """GPUs per vLLM engine."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs (slower decoding, less memory, faster start)."""
+    max_model_len: int = 0
+    """Longest prompt + response vLLM accepts (0: data.max_prompt_length +
+    data.max_response_length)."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    """Weight / compute dtype inside vLLM ("auto": the checkpoint's)."""
+    max_images_per_prompt: int = 4
+    """vLLM's limit_mm_per_prompt for images (it reserves memory for this many)."""
+
+    def __post_init__(self) -> None:
+        _require(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization",
+                 f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        _require(self.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size",
+                 f"must be >= 1, got {self.tensor_parallel_size}")
+        _require(self.max_model_len >= 0, "rollout.vllm.max_model_len",
+                 f"must be >= 0, got {self.max_model_len}")
+        _require(self.max_images_per_prompt >= 1, "rollout.vllm.max_images_per_prompt",
+                 f"must be >= 1, got {self.max_images_per_prompt}")
+
+
+@dataclass(kw_only=True)
 class RolloutConfig:
     """How responses are sampled."""
 
-    engine: Literal["hf"] = "hf"
-    """Rollout engine: "hf" (transformers generate on the training weights)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Rollout engine: "hf" (transformers generate on the training weights) or "vllm" (a vLLM
+    engine on the same GPU, settings in `vllm`; the trainer pushes the policy's weights into it
+    at the start of every rollout phase and before every evaluation)."""
     n: int = 5
     """Responses per prompt (GRPO group size; official 5)."""
     temperature: float = 1.0
@@ -148,9 +224,14 @@ class RolloutConfig:
     top_k: int = 0
     """Top-k sampling (0 disables, the official -1)."""
     batch_size: int = 64
-    """Sequences generated together (prompts are sorted by length so a batch pads little)."""
+    """Sequences generated together (prompts are sorted by length so a batch pads little;
+    "hf" engine only: vLLM schedules all requests itself)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Settings of the vLLM engine (used when `engine` is "vllm")."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.vllm, dict):
+            self.vllm = _build(VLLMConfig, self.vllm, "rollout.vllm")
         _require(self.n >= 1, "rollout.n", f"must be >= 1, got {self.n}")
         _require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")

@@ -145,6 +145,32 @@ def load_policy(path: str | Path, *, dtype: torch.dtype, attn_implementation: st
     return model, processor
 
 
+def fp32_master_weight(optimizer, param: torch.Tensor) -> torch.Tensor | None:
+    """The fp32 master copy of a bf16 parameter held by DeepSpeed's optimizer, or None.
+
+    ZeRO 1-3 and the BF16 optimizer expose it (`safe_get_full_fp32_param`, a collective);
+    ZeRO 0 with bf16 uses DeepSpeed's FP16_Optimizer, which keeps one flat fp32 copy per
+    parameter group (the group's parameters concatenated in order), or (where fused
+    optimizers are unavailable, e.g. on CPU) FP16_UnfusedOptimizer, one fp32 copy per parameter.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(param)
+    if master is not None:
+        return master
+    for group, copies in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+        for p, q in zip(group, copies):
+            if p is param:
+                return q
+    for group, flat in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups_flat", ())):
+        offset = 0
+        for p in group:
+            if p is param:
+                return flat[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+    return None
+
+
 def call_in_module(module: nn.Module, fn, *inputs):
     """Run `fn(module, *inputs)` as `module`'s forward.
 
@@ -176,6 +202,19 @@ class PolicyWithLoss(nn.Module):
         super().__init__()
         self.policy = policy
         self.loss_fn = loss_fn
+        # model.fp32_lm_head: the fp32 master copy of the head weight, refreshed by the trainer
+        # after each optimizer step (a plain attribute, so DeepSpeed never casts it to bf16)
+        self.head_fp32: torch.Tensor | None = None
+
+    def head_weight(self, mod: nn.Module) -> torch.Tensor:
+        """The weight the kernels multiply: lm_head's own, or (fp32 head) the fp32 master with
+        a zero-valued link to the working weight so that dW still reaches its gradient."""
+        w = mod.weight
+        if self.head_fp32 is None:
+            return w
+        if not (torch.is_grad_enabled() and w.requires_grad):
+            return self.head_fp32
+        return self.head_fp32 + (w - w.detach()).float()
 
     def trunk(self, batch: PackedBatch, *, masked: bool = False) -> torch.Tensor:
         out = self.policy.model(**batch.model_inputs(masked=masked))
@@ -200,7 +239,7 @@ class PolicyWithLoss(nn.Module):
         def head_loss(mod, h, *rest):
             mh = rest[0] if rest else None
             # the weight's dtype must match the hidden states' for the kernels
-            w = mod.weight
+            w = self.head_weight(mod)
             out = self.loss_fn(h.to(w.dtype), w, batch.response_ids, batch.response_mask,
                                masked_hidden=None if mh is None else mh.to(w.dtype), **kw)
             return out.loss, out.metrics  # a plain tuple: ZeRO-3 hooks rebuild outputs by type
@@ -217,7 +256,7 @@ class PolicyWithLoss(nn.Module):
         targets = batch.response_ids.masked_fill(batch.response_mask == 0, -100)
 
         def head_stats(mod, h, *rest):
-            w = mod.weight
+            w = self.head_weight(mod)
             if rest:
                 return tuple(two_view_stats(h.to(w.dtype), rest[0].to(w.dtype), w, targets,
                                             temperature=temperature))
@@ -392,11 +431,6 @@ class Trainer:
         self.ref_model = None
         if self.papo.beta > 0:
             self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
-        if cfg.model.freeze_vision_tower:
-            policy.model.visual.requires_grad_(False)
-        if cfg.model.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.config.use_cache = False
 
         d = cfg.data
         ds_kwargs = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
@@ -405,10 +439,16 @@ class Trainer:
         self.val_ds = load_dataset_for(data_path["val"], d.val_split, self.processor, **ds_kwargs)
 
         if cfg.sft.steps > 0:
+            self._configure_policy(policy, adapters=False)  # the warm start trains what PAPO trains
             policy = self._warm_start(policy, dtype)
+        self._configure_policy(policy, adapters=True)
 
         self.loss_fn = PAPOLoss(self.papo)
         self.module = PolicyWithLoss(policy, self.loss_fn)
+        if cfg.model.fp32_lm_head and dtype == torch.bfloat16 and not policy.lm_head.weight.requires_grad:
+            # a frozen head (LoRA) has no fp32 master in the optimizer: keep the loaded fp32
+            # weight before DeepSpeed casts the module to bf16 (it never changes)
+            self.module.head_fp32 = policy.lm_head.weight.detach().to(self.device, torch.float32, copy=True)
         t = cfg.trainer
         self.steps_per_epoch = len(self.train_ds) // t.rollout_batch_size
         if self.steps_per_epoch == 0:
@@ -430,6 +470,13 @@ class Trainer:
         self.zero3 = t.zero_stage == 3
 
         gather = self._gather_all if self.zero3 else None
+        if rollout_engine is None and cfg.rollout.engine == "vllm":
+            from train.vllm_engine import VLLMRolloutEngine
+
+            # started from the policy's directory (the warm start's, if any); its weights are
+            # replaced by the policy's at the start of every rollout phase (`_sync_rollout`)
+            policy_dir = self.out / "sft_model" if cfg.sft.steps > 0 else model_dir
+            rollout_engine = VLLMRolloutEngine.from_config(cfg, policy_dir, self.tokenizer, gather=gather)
         self.rollout = rollout_engine or HFRolloutEngine(self.module.policy, self.tokenizer,
                                                          batch_size=cfg.rollout.batch_size, gather=gather)
         self.stream = PromptStream(len(self.train_ds), seed=d.shuffle_seed, batch=t.rollout_batch_size)
@@ -466,12 +513,40 @@ class Trainer:
             run_sft(policy, self.processor, self.train_ds, self.cfg, out_dir=sft_dir)
         barrier()
         policy, _ = load_policy(sft_dir, dtype=torch.float32, attn_implementation=self.cfg.model.attn_implementation)
-        if self.cfg.model.freeze_vision_tower:
-            policy.model.visual.requires_grad_(False)
-        policy.config.use_cache = False
         if self.ref_model is not None:  # the reference is the warm-started policy
             self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
         return policy
+
+    def _configure_policy(self, policy, *, adapters: bool) -> None:
+        """What to train and how: a frozen vision tower, gradient checkpointing and, with
+        `adapters` (the policy PAPO starts from, after any warm start), LoRA adapters, after
+        which only they train."""
+        m = self.cfg.model
+        if adapters and m.lora.rank:
+            from train.lora import apply_lora
+
+            adapted = apply_lora(policy, m.lora)
+            if self.rank == 0:
+                trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+                log.info("LoRA rank %d on %d layers: %d trainable parameters", m.lora.rank, len(adapted), trainable)
+        elif m.freeze_vision_tower:
+            policy.model.visual.requires_grad_(False)
+        if m.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+
+    def _refresh_fp32_head(self) -> None:
+        """model.fp32_lm_head in bf16 runs: fetch the head's fp32 master weight from the
+        optimizer (a collective under ZeRO; every rank calls this at the same points)."""
+        if not (self.cfg.model.fp32_lm_head and self.cfg.model.dtype == "bfloat16"):
+            return
+        if not self.module.policy.lm_head.weight.requires_grad:
+            return  # frozen: the copy taken at construction stays exact
+        master = fp32_master_weight(self.engine.optimizer, self.module.policy.lm_head.weight)
+        if master is None:
+            raise RuntimeError("model.fp32_lm_head: DeepSpeed holds no fp32 master weight for lm_head "
+                               "(this optimizer/ZeRO setup does not expose one)")
+        self.module.head_fp32 = master.detach().to(self.device, torch.float32)
 
     def _ds_config(self, dtype: torch.dtype) -> dict:
         t, o = self.cfg.trainer, self.cfg.optim
@@ -608,6 +683,7 @@ class Trainer:
         plan = plan_micro_batches([len(s) for s in samples], max_seqs=t.log_prob_micro_batch_size,
                                   max_tokens=t.micro_batch_tokens)
         plan = self._equalize(plan) if self.zero3 else plan
+        self._refresh_fp32_head()
         self.engine.eval()
         for group in plan:
             members = [samples[i] for i in (group if group is not None else plan[0] or [])]
@@ -693,6 +769,7 @@ class Trainer:
         grad_norms, lrs, skipped = [], [], 0
         tokens = 0
         for j in range(n_mini):
+            self._refresh_fp32_head()  # the head changed at the previous optimizer step
             mb_uids = set(uids[j * local_mb: (j + 1) * local_mb])
             mb = [s for s in samples if s.uid in mb_uids]
             plan = plan_micro_batches([len(s) for s in mb], max_seqs=t.micro_batch_size,
@@ -759,12 +836,19 @@ class Trainer:
             sq += g.double().pow(2).sum().cpu()
         return float(sq.sqrt())
 
+    def _sync_rollout(self) -> None:
+        """Push the policy's current weights into a rollout engine that holds its own copy (vLLM)."""
+        sync = getattr(self.rollout, "sync_weights", None)
+        if callable(sync):
+            sync(self.module.policy)
+
     # ------------------------------------------------------------------ one rollout step
 
     def train_step(self) -> dict[str, Any]:
         """One rollout step (PAPO_SPEC section 7); returns its metrics."""
         t0 = time.perf_counter()
         step = self.step
+        self._sync_rollout()
         samples, filter_stats = self._collect(step)
         t_rollout = time.perf_counter()
         self._advantages(samples)
@@ -822,6 +906,7 @@ class Trainer:
         """avg@k accuracy on the validation split (PAPO_SPEC section 4 protocol)."""
         from train.eval import evaluate_dataset
 
+        self._sync_rollout()
         e = self.cfg.eval
         return evaluate_dataset(self.rollout, self.processor, self.val_ds, k=e.k, temperature=e.temperature,
                                 top_p=e.top_p, max_new_tokens=min(e.max_new_tokens, self.cfg.data.max_response_length),
@@ -905,6 +990,10 @@ class Trainer:
     def export_hf(self, out_dir: Path) -> Path:
         """Save the policy in HF format (ZeRO-3 shards consolidated) with its processor."""
         state = self.full_state_dict()
+        if self.cfg.model.lora.rank:
+            from train.lora import merged_state_dict
+
+            state = merged_state_dict(state, self.cfg.model.lora)  # plain Qwen2.5-VL weights
         if self.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             self.module.policy.save_pretrained(out_dir, state_dict=state)

@@ -1,0 +1,77 @@
+"""bf16 runs (DeepSpeed bf16, fp32 master weights) and model.fp32_lm_head."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tests.test_train_trainer import assets, fresh_dir, make_cfg  # noqa: F401 - the module fixture
+
+
+@pytest.mark.parametrize("fp32_head", [False, True])
+def test_bf16_run(assets, tmp_path, fp32_head):  # noqa: F811
+    from train.trainer import Trainer, fp32_master_weight
+
+    out = fresh_dir(assets, tmp_path, f"bf16_{fp32_head}")
+    cfg = make_cfg(out, "trainer.max_steps=2", "trainer.mini_batch_size=8", "checkpoint.save_every=0",
+                   "model.dtype=bfloat16", f"model.fp32_lm_head={str(fp32_head).lower()}")
+    tr = Trainer(cfg)
+    try:
+        recs = tr.train()
+        for r in recs:
+            assert math.isfinite(r["loss/total"]) and math.isfinite(r["grad_norm"])
+            # on-policy first mini-batch; bf16 trunks round differently with and without grad
+            assert abs(r["ratio/mean"] - 1.0) <= 1e-4
+        w = tr.module.policy.lm_head.weight
+        assert w.dtype == torch.bfloat16
+        master = fp32_master_weight(tr.engine.optimizer, w)
+        assert master is not None and master.dtype == torch.float32
+        # lr 1e-2 updates land in the fp32 master below bf16 resolution
+        assert (master - w.float()).abs().max() > 0
+        if fp32_head:
+            tr._refresh_fp32_head()
+            assert torch.equal(tr.module.head_fp32, master)  # the master itself, not an upcast
+        else:
+            assert tr.module.head_fp32 is None
+    finally:
+        tr.close()
+
+
+def test_head_weight_is_the_master_with_gradient_to_the_working_weight():
+    from train.trainer import PolicyWithLoss
+
+    policy = nn.Module()
+    policy.lm_head = nn.Linear(8, 5, bias=False).to(torch.bfloat16)
+    mod = PolicyWithLoss(policy, None)
+    assert mod.head_weight(policy.lm_head) is policy.lm_head.weight
+    master = policy.lm_head.weight.detach().float() + 1e-4 * torch.randn(5, 8)
+    mod.head_fp32 = master
+    w = mod.head_weight(policy.lm_head)
+    assert w.dtype == torch.float32 and torch.equal(w, master)
+    upstream = torch.randn(5, 8)
+    (w * upstream).sum().backward()
+    torch.testing.assert_close(policy.lm_head.weight.grad, upstream.to(torch.bfloat16), rtol=0, atol=0)
+    with torch.no_grad():
+        assert mod.head_weight(policy.lm_head) is master
+
+
+def test_fp32_head_of_a_frozen_lora_head_is_the_loaded_weight(assets, tmp_path):  # noqa: F811
+    pytest.importorskip("peft")
+    from train.trainer import Trainer, load_policy
+
+    out = fresh_dir(assets, tmp_path, "bf16_lora")
+    cfg = make_cfg(out, "trainer.max_steps=1", "checkpoint.save_every=0", "model.dtype=bfloat16",
+                   "model.fp32_lm_head=true", "model.lora.rank=2")
+    loaded, _ = load_policy(out / "tiny_model", dtype=torch.float32, attn_implementation="sdpa")
+    tr = Trainer(cfg)
+    try:
+        recs = tr.train()
+        assert math.isfinite(recs[0]["loss/total"])
+        assert tr.module.policy.lm_head.weight.dtype == torch.bfloat16
+        # the head never trains under LoRA: the fp32 copy is the checkpoint's own weight
+        assert torch.equal(tr.module.head_fp32, loaded.lm_head.weight.detach())
+    finally:
+        tr.close()
