@@ -109,6 +109,20 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def combine_across_ranks(sums: dict[str, float], weight: float, tokens: int) -> tuple[dict[str, float], float, int]:
+    """Token-weighted metric sums, their weight and the token count summed over all ranks
+    (a rank without real micro-batches contributes nothing, so the key sets may differ)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return sums, weight, tokens
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, (sums, weight, tokens))
+    total: dict[str, float] = {}
+    for part_sums, _, _ in parts:
+        for k, v in part_sums.items():
+            total[k] = total.get(k, 0.0) + v
+    return total, sum(w for _, w, _ in parts), sum(t for _, _, t in parts)
+
+
 def set_deterministic(enabled: bool, seed: int, num_threads: int = 0) -> None:
     """Seed every generator; set the thread count; in deterministic mode also fix algorithms."""
     random.seed(seed)
@@ -808,6 +822,7 @@ class Trainer:
             gn = norm if norm is not None else self.engine.get_global_grad_norm()
             grad_norms.append(float(gn) if gn is not None else float("nan"))
             lrs.append(self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.optim.lr)
+        sums, weight_total, tokens = combine_across_ranks(sums, weight_total, tokens)
         out = {k: v / max(weight_total, 1.0) for k, v in sums.items()}
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         out["lr"] = lrs[-1] if lrs else self.cfg.optim.lr
@@ -890,7 +905,7 @@ class Trainer:
             "time/update_s": t_update - t_stats,
             "time/step_s": t_update - t0,
             "perf/rollout_tokens_per_s": gen_tokens / max(t_rollout - t0, 1e-9),
-            "perf/update_tokens_per_s": upd.pop("update_tokens") * self.world / max(t_update - t_stats, 1e-9),
+            "perf/update_tokens_per_s": upd.pop("update_tokens") / max(t_update - t_stats, 1e-9),  # all ranks
             "memory/peak_mb": peak_memory_mb(self.device),
             "data/overlong_skipped": self.train_ds.stats.overlong,
             "data/undecodable_skipped": self.train_ds.stats.undecodable + self.train_ds.stats.skipped_at_access,
