@@ -143,6 +143,16 @@ def test_rollout_is_seeded_ordered_and_stops_at_eos(tiny):
                 assert ids[-1] in eos and not (set(ids[:-1]) & eos)
     assert model.training  # generate restores the mode it found
 
+    # a checkpoint's sampling defaults (Qwen2.5-VL ships repetition_penalty 1.05) must not reshape
+    # the distribution the log-probs are taken from
+    saved = model.generation_config.repetition_penalty
+    try:
+        model.generation_config.repetition_penalty = 50.0
+        c = engine.generate(prompts, params)
+    finally:
+        model.generation_config.repetition_penalty = saved
+    assert [[x.token_ids.tolist() for x in r] for r in c] == [[x.token_ids.tolist() for x in r] for r in a]
+
 
 def test_truncate_at_eos():
     from train.rollout import truncate_at_eos

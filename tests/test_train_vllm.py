@@ -357,13 +357,13 @@ def test_missing_vllm_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_vllm_config_fields(tmp_path):
     cfg = load_config(TINY, ["rollout.engine=vllm", "rollout.vllm.gpu_memory_utilization=0.7",
-                             "rollout.vllm.tensor_parallel_size=2", "rollout.vllm.enforce_eager=true",
+                             "rollout.vllm.enforce_eager=true",
                              "rollout.vllm.max_model_len=1024", "rollout.vllm.dtype=auto",
                              "rollout.vllm.max_images_per_prompt=2"])
     v = cfg.rollout.vllm
     assert cfg.rollout.engine == "vllm"
     assert (v.gpu_memory_utilization, v.tensor_parallel_size, v.enforce_eager, v.max_model_len, v.dtype,
-            v.max_images_per_prompt) == (0.7, 2, True, 1024, "auto", 2)
+            v.max_images_per_prompt) == (0.7, 1, True, 1024, "auto", 2)
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert load_config(TINY).rollout.engine == "hf"
@@ -374,6 +374,7 @@ def test_vllm_config_fields(tmp_path):
                             ("rollout.vllm.gpu_memory_utilization=0", mem),
                             ("rollout.vllm.gpu_memory_utilization=1.5", mem),
                             ("rollout.vllm.tensor_parallel_size=0", r"rollout\.vllm\.tensor_parallel_size"),
+                            ("rollout.vllm.tensor_parallel_size=2", r"tensor_parallel_size: only 1 is supported"),
                             ("rollout.vllm.max_model_len=-1", r"rollout\.vllm\.max_model_len"),
                             ("rollout.vllm.max_images_per_prompt=0", r"rollout\.vllm\.max_images_per_prompt"),
                             ("rollout.vllm.dtype=int8", r"rollout\.vllm\.dtype: must be one of"),
@@ -427,7 +428,9 @@ def test_trainer_step_with_the_fake_vllm_engine(tiny, tmp_path, monkeypatch):
         assert kw["model"] == str(out / "tiny_model") and kw["max_model_len"] == 512 + 6
         assert kw["limit_mm_per_prompt"] == {"image": 2} and kw["seed"] == cfg.seed
         assert (kw["gpu_memory_utilization"], kw["dtype"], kw["tensor_parallel_size"]) == (0.5, "bfloat16", 1)
-        assert "distributed_executor_backend" not in kw  # one process
+        # in-process engine even in a one-process run: sync_weights reaches its model directly
+        assert kw["distributed_executor_backend"] == "external_launcher"
+        assert kw["mm_processor_kwargs"] == {"min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels}
         assert tr.rollout.eos_ids == eos_ids_of(tr.module.policy, tr.tokenizer)  # HF engine's stop ids
         assert tr.rollout.patch_size == 14
         llm.eos = tr.tokenizer.convert_tokens_to_ids("<|im_end|>")

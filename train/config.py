@@ -49,7 +49,8 @@ class LoRAConfig:
 
     With LoRA only the adapters train: the vision tower, the embeddings and the lm_head stay
     frozen (so the fused loss computes no dW), the HF export merges the adapters into plain
-    Qwen2.5-VL weights, and checkpoints hold the adapters with the frozen base."""
+    Qwen2.5-VL weights, and checkpoints hold the adapters with the frozen base. The supervised
+    warm start (`sft.steps` > 0) runs before the adapters exist and is full fine-tuning."""
 
     rank: int = 0
     """Adapter rank r (0: full fine-tuning, no adapters)."""
@@ -185,7 +186,8 @@ class VLLMConfig:
     """Fraction of the GPU's memory vLLM may take (weights + KV cache); the training state
     shares the same GPU."""
     tensor_parallel_size: int = 1
-    """GPUs per vLLM engine."""
+    """GPUs per vLLM engine. Only 1 is supported: every rank runs its own engine on its own
+    prompts (tensor parallelism would need the ranks of a group to submit identical requests)."""
     enforce_eager: bool = False
     """Disable CUDA graphs (slower decoding, less memory, faster start)."""
     max_model_len: int = 0
@@ -199,8 +201,8 @@ class VLLMConfig:
     def __post_init__(self) -> None:
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization",
                  f"must be in (0, 1], got {self.gpu_memory_utilization}")
-        _require(self.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size",
-                 f"must be >= 1, got {self.tensor_parallel_size}")
+        _require(self.tensor_parallel_size == 1, "rollout.vllm.tensor_parallel_size",
+                 f"only 1 is supported (one engine per rank on its own prompts), got {self.tensor_parallel_size}")
         _require(self.max_model_len >= 0, "rollout.vllm.max_model_len",
                  f"must be >= 0, got {self.max_model_len}")
         _require(self.max_images_per_prompt >= 1, "rollout.vllm.max_images_per_prompt",

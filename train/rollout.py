@@ -160,6 +160,9 @@ class HFRolloutEngine:
                         temperature=params.temperature,
                         top_p=params.top_p,
                         top_k=params.top_k,  # 0 disables (None would fall back to the default 50)
+                        # a checkpoint's generation_config (Qwen2.5-VL: 1.05) must not reshape the
+                        # sampling distribution: log-probs are taken from the plain softmax
+                        repetition_penalty=1.0,
                         max_new_tokens=params.max_new_tokens,
                         eos_token_id=self.eos_ids,
                         pad_token_id=self.pad_id,

@@ -202,6 +202,20 @@ def call_in_module(module: nn.Module, fn, *inputs):
         module.forward = original
 
 
+class _MasterWithGradToWorking(torch.autograd.Function):
+    """Forward: the fp32 master (a view, no copy). Backward: its gradient, in the working
+    weight's dtype, to the working weight (the master is not a leaf of the graph)."""
+
+    @staticmethod
+    def forward(ctx, working: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+        ctx.working_dtype = working.dtype
+        return master.view_as(master)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.working_dtype), None
+
+
 class PolicyWithLoss(nn.Module):
     """The module DeepSpeed wraps: the policy plus the PAPO loss and statistics heads.
 
@@ -228,7 +242,7 @@ class PolicyWithLoss(nn.Module):
             return w
         if not (torch.is_grad_enabled() and w.requires_grad):
             return self.head_fp32
-        return self.head_fp32 + (w - w.detach()).float()
+        return _MasterWithGradToWorking.apply(w, self.head_fp32)
 
     def trunk(self, batch: PackedBatch, *, masked: bool = False) -> torch.Tensor:
         out = self.policy.model(**batch.model_inputs(masked=masked))
@@ -453,7 +467,9 @@ class Trainer:
         self.val_ds = load_dataset_for(data_path["val"], d.val_split, self.processor, **ds_kwargs)
 
         if cfg.sft.steps > 0:
-            self._configure_policy(policy, adapters=False)  # the warm start trains what PAPO trains
+            # freeze / checkpointing apply to the warm start too; it is full fine-tuning even
+            # with LoRA configured (the adapters are added to the warm-started policy)
+            self._configure_policy(policy, adapters=False)
             policy = self._warm_start(policy, dtype)
         self._configure_policy(policy, adapters=True)
 
@@ -495,6 +511,8 @@ class Trainer:
                                                          batch_size=cfg.rollout.batch_size, gather=gather)
         self.stream = PromptStream(len(self.train_ds), seed=d.shuffle_seed, batch=t.rollout_batch_size)
         self.step = 0
+        self._optimizer_steps = 0  # in this process; with `step`, names the weights' version
+        self._synced_version: tuple[int, int] | None = None
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
         self._grader = None
 
@@ -782,6 +800,7 @@ class Trainer:
         weight_total = 0.0
         grad_norms, lrs, skipped = [], [], 0
         tokens = 0
+        loss_sum = 0.0  # this rank's micro-batch losses: each is already its share of the mini-batch
         for j in range(n_mini):
             self._refresh_fp32_head()  # the head changed at the previous optimizer step
             mb_uids = set(uids[j * local_mb: (j + 1) * local_mb])
@@ -804,6 +823,7 @@ class Trainer:
                                                num_valid_sequences=max(counts[1].item(), 1.0),
                                                coefficients=coefficients, dummy=dummy)
                 if m:
+                    loss_sum += m["loss/total"]
                     w = m.get("tokens/count", 0.0)
                     weight_total += w
                     tokens += sum(len(s) for s in members)
@@ -818,12 +838,19 @@ class Trainer:
                 self.engine.step()  # still closes the accumulation window (grads are None -> no-op)
             else:
                 self.engine.step()
+            self._optimizer_steps += 1
             # the pre-clip norm (what the official code logs); DeepSpeed's own where grads are partitioned
             gn = norm if norm is not None else self.engine.get_global_grad_norm()
             grad_norms.append(float(gn) if gn is not None else float("nan"))
             lrs.append(self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.optim.lr)
         sums, weight_total, tokens = combine_across_ranks(sums, weight_total, tokens)
         out = {k: v / max(weight_total, 1.0) for k, v in sums.items()}
+        # The objective each optimizer step minimized, averaged over the step's mini-batches:
+        # micro-batch losses sum to the rank's share; "global" shares sum over ranks, otherwise
+        # DeepSpeed averages the ranks' gradients, so their losses average too.
+        loss_sum = float(all_reduce_(torch.tensor([loss_sum], dtype=torch.float64)).item())
+        per_step = loss_sum if self.papo.loss_scale == "global" else loss_sum / self.world
+        out["loss/total"] = per_step / max(n_mini, 1)
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         out["lr"] = lrs[-1] if lrs else self.cfg.optim.lr
         out["optimizer_steps"] = float(n_mini)
@@ -852,10 +879,13 @@ class Trainer:
         return float(sq.sqrt())
 
     def _sync_rollout(self) -> None:
-        """Push the policy's current weights into a rollout engine that holds its own copy (vLLM)."""
+        """Push the policy's current weights into a rollout engine that holds its own copy
+        (vLLM), unless they have not changed since the last push."""
         sync = getattr(self.rollout, "sync_weights", None)
-        if callable(sync):
+        version = (self.step, self._optimizer_steps)
+        if callable(sync) and version != self._synced_version:
             sync(self.module.policy)
+            self._synced_version = version
 
     # ------------------------------------------------------------------ one rollout step
 
@@ -1005,7 +1035,7 @@ class Trainer:
     def export_hf(self, out_dir: Path) -> Path:
         """Save the policy in HF format (ZeRO-3 shards consolidated) with its processor."""
         state = self.full_state_dict()
-        if self.cfg.model.lora.rank:
+        if self.cfg.model.lora.rank and self.rank == 0:
             from train.lora import merged_state_dict
 
             state = merged_state_dict(state, self.cfg.model.lora)  # plain Qwen2.5-VL weights

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -171,9 +172,12 @@ class VLLMRolloutEngine:
                         **engine_kwargs) -> VLLMRolloutEngine:
         """Start a `vllm.LLM` on a local Qwen2.5-VL directory and wrap it.
 
-        `llm_kwargs` go to `vllm.LLM` as they are, `engine_kwargs` to the constructor. In a
-        multi-process (torch.distributed) run every rank starts its own engine on its GPU with
-        vLLM's "external_launcher" backend, which joins the existing process group.
+        `llm_kwargs` go to `vllm.LLM` as they are, `engine_kwargs` to the constructor. The
+        engine always runs inside this process, so `sync_weights` reaches its model directly
+        (no copy of the weights to another process): under torch.distributed (the trainer,
+        any world size) every rank starts its own engine on its GPU with vLLM's
+        "external_launcher" backend, which joins the existing process group; without it, vLLM's
+        V1 multiprocessing is switched off (VLLM_ENABLE_V1_MULTIPROCESSING=0).
         """
         vllm = import_vllm()
         kwargs: dict[str, Any] = dict(
@@ -183,9 +187,10 @@ class VLLMRolloutEngine:
         )
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             kwargs["distributed_executor_backend"] = "external_launcher"
+        else:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kwargs.update(llm_kwargs or {})
         config = Path(model_dir) / "config.json"
         if config.is_file() and "patch_size" not in engine_kwargs:
@@ -214,7 +219,10 @@ class VLLMRolloutEngine:
             tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
             max_model_len=v.max_model_len or cfg.data.max_prompt_length + cfg.data.max_response_length,
             dtype=v.dtype, limit_images=v.max_images_per_prompt, seed=cfg.seed, gather=gather,
-            state_transform=transform)
+            state_transform=transform,
+            # vLLM's processor must allow the grids the trainer's processor chose (see _images)
+            llm_kwargs={"mm_processor_kwargs": {"min_pixels": cfg.data.min_pixels,
+                                                "max_pixels": cfg.data.max_pixels}})
 
     # ------------------------------------------------------------------ requests
 
