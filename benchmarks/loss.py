@@ -281,6 +281,17 @@ def _ratios(cells: list[dict]) -> None:
 # ---------------------------------------------------------------- largest micro-batch
 
 
+def slow_providers(cells: list[dict], n: int, limit: float) -> dict[str, float]:
+    """Providers whose time at N=`n` exceeds `limit` x the GEMM floor in some workload: their
+    worst ratio. Slow paths are measured once, at the headline N, and then not again, so a
+    time-boxed GPU run covers the other token counts with the paths worth comparing."""
+    worst: dict[str, float] = {}
+    for c in cells:  # the floor itself always stays: later ratios need it
+        if c["tokens"] == n and c["status"] == "ok" and c["vs_floor"] is not None and c.get("kind") != "floor":
+            worst[c["provider"]] = max(worst.get(c["provider"], 0.0), c["vs_floor"])
+    return {k: v for k, v in worst.items() if v > limit}
+
+
 def search_max_tokens(shape, names: list[str], args, deadline: H.Deadline, cells: list[dict]) -> None:
     """Per provider, the largest N (two_view fwd_bwd) that fits: OOM-driven on CUDA; on CPU only
     with --simulated-capacity-mb (dry runs), where a run fits if inputs + grads + extra do."""
@@ -367,6 +378,11 @@ def render_section(section: dict) -> str:
            f"x best peer = time / the fastest peer computing the same outputs.", ""]
     if section.get("partial"):
         out += ["**Partial results** (the run was still going or was cut short).", ""]
+    dropped = section.get("dropped")
+    if dropped:
+        out += [f"Measured at N={dropped['after_tokens']} only (slower than {dropped['limit_x_floor']}x the "
+                "GEMM floor there): " + ", ".join(f"`{k}` ({v:.1f}x)" for k, v in dropped["providers"].items())
+                + ".", ""]
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
         groups.setdefault((c["shape"], c["op"], c["mode"], c["tokens"]), []).append(c)
@@ -529,6 +545,9 @@ def parse_args(argv=None):
     ap.add_argument("--reserve-s", type=float, default=20.0, help="budget kept for writing results")
     ap.add_argument("--no-isolate", action="store_true", help="CPU: skip the per-provider memory processes")
     ap.add_argument("--isolate-timeout", type=float, default=600.0)
+    ap.add_argument("--drop-slower-than", type=float, default=0.0,
+                    help="after the first N, leave out of later N (and of --max-tokens) every provider "
+                         "slower than this many times the GEMM floor in any workload there (0: keep all)")
     ap.add_argument("--max-tokens", action="store_true", help="search the largest N per provider")
     ap.add_argument("--max-tokens-limit", type=int, default=1 << 18)
     ap.add_argument("--max-tokens-providers", default="all",
@@ -587,6 +606,14 @@ def main(argv=None) -> list[dict]:
             except Exception:  # noqa: BLE001 - an input OOM must not lose earlier results
                 _log(f"{op}/{mode} N={n} failed:\n{traceback.format_exc()}")
             save()
+        if i == 0 and args.drop_slower_than > 0:
+            dropped = slow_providers(section["cells"], n, args.drop_slower_than)
+            if dropped:
+                section["dropped"] = {"after_tokens": n, "limit_x_floor": args.drop_slower_than,
+                                      "providers": dropped}
+                names = [k for k in names if k not in dropped]
+                _log("left out of later token counts: " + ", ".join(
+                    f"{k} ({v:.1f}x floor)" for k, v in dropped.items()))
         if i == 0 and args.max_tokens:  # right after the first (headline) token count
             search_max_tokens(shape, names, args, deadline, section["cells"])
             save()

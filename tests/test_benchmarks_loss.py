@@ -166,3 +166,26 @@ def test_summarize():
     assert s["median"] == 3.0 and s["min"] == 1.0 and s["max"] == 5.0
     assert s["p20"] == pytest.approx(1.8) and s["p80"] == pytest.approx(4.2)
     assert s["spread"] == pytest.approx(4 / 3)
+
+
+def test_slow_providers_are_measured_once(tmp_path):
+    """--drop-slower-than: a provider over the limit at the first N is not run at later N."""
+    cells = L.main(["--shape", "cpu-odd", "--tokens", "67,33", "--reps", "1", "--no-isolate",
+                    "--out-dir", str(tmp_path), "--workloads", "token_stats/fwd",
+                    "--providers", "eager,torch:stats,floor", "--drop-slower-than", "1e-3"])
+    by_n = {}
+    for c in cells:
+        by_n.setdefault(c["tokens"], set()).add(c["provider"])
+    assert by_n[67] == {"eager", "torch:stats", "floor"}
+    assert by_n[33] == {"floor"}  # every provider is over 1e-3x the floor; the floor itself stays
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert set(doc["loss"]["dropped"]["providers"]) == {"eager", "torch:stats"}
+    assert "Measured at N=67 only" in next(tmp_path.glob("*.md")).read_text()
+    fake = [{"tokens": 8, "status": "ok", "vs_floor": 3.0, "provider": "a"},
+            {"tokens": 8, "status": "ok", "vs_floor": 9.0, "provider": "a"},
+            {"tokens": 8, "status": "ok", "vs_floor": 2.0, "provider": "b"},
+            {"tokens": 8, "status": "oom", "vs_floor": None, "provider": "c"},
+            {"tokens": 8, "status": "ok", "vs_floor": 1.0, "provider": "floor", "kind": "floor"},
+            {"tokens": 16, "status": "ok", "vs_floor": 99.0, "provider": "b"}]
+    assert L.slow_providers(fake, 8, 8.0) == {"a": 9.0}
+    assert L.slow_providers(fake, 8, 0.5) == {"a": 9.0, "b": 2.0}
