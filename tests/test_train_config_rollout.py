@@ -19,11 +19,14 @@ SMALL = dict(min_pixels=56 * 56, max_pixels=112 * 112)
 # --------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("name", ["tiny", "papo_g_nref_7b", "papo_g_3b", "papo_d_7b"])
+@pytest.mark.parametrize("name", ["tiny", "papo_g_nref_7b", "papo_g_3b", "papo_d_7b", "random_3b"])
 def test_shipped_configs_load_and_build_papo(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     papo = cfg.papo_config()
-    assert papo.preset == name.replace("_", "-") if name != "tiny" else papo.preset == "papo-g-nref-7b"
+    if name in ("tiny", "random_3b"):
+        assert papo.preset == "papo-g-nref-7b"
+    else:
+        assert papo.preset == name.replace("_", "-")
 
 
 def test_recipe_matches_spec_section_3():
@@ -199,3 +202,17 @@ def test_packed_forward_matches_per_sequence_forward(tiny):
     assert batch.response_mask.sum().item() == sum(len(s.response_ids) for s in seqs)
     assert plan_micro_batches([5, 5, 5, 20, 5], max_seqs=2, max_tokens=12) == [[0, 1], [2], [3], [4]]
     assert plan_micro_batches([5] * 5, max_seqs=2) == [[0, 1], [2, 3], [4]]
+
+
+def test_random_3b_config_has_the_3b_shape():
+    """The GPU smoke config builds a model of the Qwen2.5-VL-3B shape (checked on the meta device)."""
+    from train.tiny import build_model, train_tokenizer
+
+    spec = load_config(CONFIGS / "random_3b.yaml").model.tiny
+    tokenizer = train_tokenizer(["a b c d e f g"] * 4, spec.vocab_size)
+    with torch.device("meta"):
+        model = build_model(tokenizer, spec)
+    assert model.lm_head.weight.shape == (151936, 2048) and len(tokenizer) < 151936
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # tied, as the 3B
+    n = sum(p.numel() for p in model.parameters())
+    assert 3.6e9 < n < 3.8e9, n

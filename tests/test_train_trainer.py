@@ -278,3 +278,15 @@ def test_loss_metric_does_not_depend_on_micro_batching(assets, tmp_path):
     # hold equal token counts, so allow the spread of those counts
     assert r4["loss/total"] == pytest.approx(r1["loss/total"], rel=0.3)
     assert r4["loss/policy"] == pytest.approx(r1["loss/policy"], rel=1e-4, abs=1e-7)
+
+
+def test_padded_vocabulary(tmp_path):
+    """A head with more rows than the tokenizer has tokens (Qwen pads 151,665 to 151,936; the
+    random 3B config relies on it): sampled ids past the tokenizer decode to nothing."""
+    out = tmp_path / "padded"
+    cfg = make_cfg(out, "trainer.max_steps=1", "checkpoint.save_every=0", "model.tiny.model_vocab_size=4096",
+                   "rollout.temperature=3.0", "papo.temperature=3.0")
+    recs, params = run_trainer(cfg)
+    head = params["lm_head.weight"]
+    assert head.shape[0] == 4096
+    assert torch.isfinite(torch.tensor(recs[0]["loss/total"]))

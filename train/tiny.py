@@ -111,6 +111,10 @@ class TinyModelSpec:
     """Vision attention heads."""
     tie_word_embeddings: bool = False
     """Tie lm_head to the input embedding (as Qwen2.5-VL-3B does)."""
+    model_vocab_size: int = 0
+    """Rows of the embedding and lm_head (0: the tokenizer's size). Larger pads them as Qwen
+    does (151,936 rows for 151,665 tokens), e.g. to give a random model the real head's shape;
+    ids past the tokenizer decode to nothing."""
     min_pixels: int = 56 * 56
     """Processor min_pixels (images are upscaled to at least this)."""
     max_pixels: int = 112 * 112
@@ -138,6 +142,8 @@ class TinyModelSpec:
                 f"TinyModelSpec.vision_hidden_size ({self.vision_hidden_size}) must be divisible "
                 f"by vision_heads ({self.vision_heads})"
             )
+        if self.model_vocab_size < 0:
+            raise ValueError(f"TinyModelSpec.model_vocab_size must be >= 0, got {self.model_vocab_size}")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(
                 f"TinyModelSpec needs 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}"
@@ -223,7 +229,7 @@ def build_model(tokenizer, spec: TinyModelSpec):
     head_dim = spec.hidden_size // spec.num_heads
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer),
+            vocab_size=max(len(tokenizer), spec.model_vocab_size),
             hidden_size=spec.hidden_size,
             intermediate_size=spec.intermediate_size,
             num_hidden_layers=spec.num_layers,
