@@ -286,8 +286,9 @@ def slow_providers(cells: list[dict], n: int, limit: float) -> dict[str, float]:
     worst ratio. Slow paths are measured once, at the headline N, and then not again, so a
     time-boxed GPU run covers the other token counts with the paths worth comparing."""
     worst: dict[str, float] = {}
-    for c in cells:  # the floor itself always stays: later ratios need it
-        if c["tokens"] == n and c["status"] == "ok" and c["vs_floor"] is not None and c.get("kind") != "floor":
+    for c in cells:  # the floor and the accuracy reference always stay: later ratios and checks need them
+        if c["tokens"] == n and c["status"] == "ok" and c["vs_floor"] is not None \
+                and c.get("kind") != "floor" and c["provider"] != REFERENCE_PROVIDERS[0]:
             worst[c["provider"]] = max(worst.get(c["provider"], 0.0), c["vs_floor"])
     return {k: v for k, v in worst.items() if v > limit}
 

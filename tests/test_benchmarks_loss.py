@@ -171,13 +171,15 @@ def test_summarize():
 def test_slow_providers_are_measured_once(tmp_path):
     """--drop-slower-than: a provider over the limit at the first N is not run at later N."""
     cells = L.main(["--shape", "cpu-odd", "--tokens", "67,33", "--reps", "1", "--no-isolate",
-                    "--out-dir", str(tmp_path), "--workloads", "token_stats/fwd",
-                    "--providers", "eager,torch:stats,floor", "--drop-slower-than", "1e-3"])
+                    "--out-dir", str(tmp_path), "--workloads", "token_stats/fwd_bwd",
+                    "--providers", "eager,torch:stats,torch:fused,floor", "--drop-slower-than", "1e-3"])
     by_n = {}
     for c in cells:
         by_n.setdefault(c["tokens"], set()).add(c["provider"])
-    assert by_n[67] == {"eager", "torch:stats", "floor"}
-    assert by_n[33] == {"floor"}  # every provider is over 1e-3x the floor; the floor itself stays
+    assert by_n[67] == {"eager", "torch:stats", "torch:fused", "floor"}
+    # every provider is over 1e-3x the floor; the floor and the check's reference stay
+    assert by_n[33] == {"torch:fused", "floor"}
+    assert [c["check"] for c in cells if c["tokens"] == 33 and c["provider"] == "torch:fused"] == ["reference"]
     doc = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert set(doc["loss"]["dropped"]["providers"]) == {"eager", "torch:stats"}
     assert "Measured at N=67 only" in next(tmp_path.glob("*.md")).read_text()

@@ -420,7 +420,7 @@ def test_trainer_step_with_the_fake_vllm_engine(tiny, tmp_path, monkeypatch):
         "trainer.log_prob_micro_batch_size=8", "rollout.n=2", "data.max_response_length=6", "eval.every=0",
         "sft.steps=0", "checkpoint.export_hf=false",
         "tensorboard=false", "plot=false", "deterministic=true", "optim.lr=1e-2", "trainer.max_steps=1",
-        "rollout.engine=vllm", "rollout.vllm.max_images_per_prompt=2"])
+        "rollout.engine=vllm", "rollout.vllm.max_images_per_prompt=2", "eval.min_pixels=1568"])
     tr = Trainer(cfg)
     try:
         (llm,) = FakeLLM.instances
@@ -430,7 +430,8 @@ def test_trainer_step_with_the_fake_vllm_engine(tiny, tmp_path, monkeypatch):
         assert (kw["gpu_memory_utilization"], kw["dtype"], kw["tensor_parallel_size"]) == (0.5, "bfloat16", 1)
         # in-process engine even in a one-process run: sync_weights reaches its model directly
         assert kw["distributed_executor_backend"] == "external_launcher"
-        assert kw["mm_processor_kwargs"] == {"min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels}
+        # vLLM's processor must admit the grids of training and of evaluation (smaller minimum)
+        assert kw["mm_processor_kwargs"] == {"min_pixels": 1568, "max_pixels": cfg.data.max_pixels}
         assert tr.rollout.eos_ids == eos_ids_of(tr.module.policy, tr.tokenizer)  # HF engine's stop ids
         assert tr.rollout.patch_size == 14
         llm.eos = tr.tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -323,7 +323,10 @@ class CheckpointConfig:
 
     save_every: int = 5
     """Save every N rollout steps (official 5); 0 disables periodic saves (the final step is
-    always saved)."""
+    still saved unless `save_final` is false)."""
+    save_final: bool = True
+    """Save the final step (smoke runs of large shapes may skip it: a 3B checkpoint with its
+    fp32 masters and Adam states is ~50 GB)."""
     keep_last: int = 3
     """Keep the newest K checkpoints (official save_limit 3)."""
     resume: bool = True

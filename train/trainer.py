@@ -105,7 +105,13 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum or max) across ranks; identity on one rank."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         red = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
-        torch.distributed.all_reduce(t, op=red)
+        if t.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
+            # NCCL reduces device tensors only; the trainer's counters live on the CPU
+            buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+            torch.distributed.all_reduce(buf, op=red)
+            t.copy_(buf)
+        else:
+            torch.distributed.all_reduce(t, op=red)
     return t
 
 
@@ -444,6 +450,8 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
             if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL collectives of CPU values go through it
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
@@ -1076,7 +1084,8 @@ class Trainer:
                     self._log_eval()
                 if c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0:
                     self.save_checkpoint()
-        if self.step and not (self.ckpt_root / f"{CHECKPOINT_PREFIX}{self.step:06d}").exists():
+        if c.checkpoint.save_final and self.step and \
+                not (self.ckpt_root / f"{CHECKPOINT_PREFIX}{self.step:06d}").exists():
             self.save_checkpoint()
         if c.eval.every:
             self._log_eval(final=True)

@@ -221,8 +221,10 @@ class VLLMRolloutEngine:
             dtype=v.dtype, limit_images=v.max_images_per_prompt, seed=cfg.seed, gather=gather,
             state_transform=transform,
             # vLLM's processor must allow the grids the trainer's processor chose (see _images)
-            llm_kwargs={"mm_processor_kwargs": {"min_pixels": cfg.data.min_pixels,
-                                                "max_pixels": cfg.data.max_pixels}})
+            # (training and evaluation encode with different pixel limits)
+            llm_kwargs={"mm_processor_kwargs": {
+                "min_pixels": min(cfg.data.min_pixels, cfg.eval.min_pixels),
+                "max_pixels": max(cfg.data.max_pixels, cfg.eval.max_pixels)}})
 
     # ------------------------------------------------------------------ requests
 
