@@ -241,8 +241,8 @@ class PolicyWithLoss(nn.Module):
         self.head_fp32: torch.Tensor | None = None
 
     def head_weight(self, mod: nn.Module) -> torch.Tensor:
-        """The weight the kernels multiply: lm_head's own, or (fp32 head) the fp32 master with
-        a zero-valued link to the working weight so that dW still reaches its gradient."""
+        """The weight the kernels multiply: lm_head's own, or (fp32 head) the fp32 master,
+        whose gradient is routed to the working weight so that dW still reaches the optimizer."""
         w = mod.weight
         if self.head_fp32 is None:
             return w
