@@ -59,6 +59,14 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             acc[v0:v0 + step] += torch.mm(a[v0:v0 + step], b, out_dtype=torch.float32)
 
 
+def _stacked_rows(hidden_a, hidden_b, valid, r0, r1, zero) -> torch.Tensor:
+    """Rows r0:r1 of view a (and of view b when given) stacked for one GEMM, in `zero`'s dtype.
+    Ignored rows may hold anything (even NaN): they are zeroed so 0 * NaN never reaches dW."""
+    rv = valid[r0:r1, None]
+    parts = [torch.where(rv, h[r0:r1].to(zero.dtype), zero) for h in (hidden_a, hidden_b) if h is not None]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _grad_gemms(dz, x, w_g, r0, r1, dh_a, dh_b, weight_grad_acc, b_in_dw) -> None:
     """The chunk's gradient GEMMs from its dZ workspace ([views * C, V], rows r0:r1 of N):
     dh = dZ W per view (fp32 accumulation inside cuBLAS, one rounding into dh's dtype), and
@@ -140,12 +148,7 @@ def backward_grads(hidden_a, hidden_b, weight, targets, stats, grads, dh_a, dh_b
     for r0 in range(0, n, c_max):
         r1 = min(r0 + c_max, n)
         c = r1 - r0
-        # Ignored rows may hold anything (even NaN): zero them so 0 * NaN never reaches dW.
-        rv = valid[r0:r1, None]
-        parts = [torch.where(rv, hidden_a[r0:r1].to(gemm_dtype), zero)]
-        if load_b:
-            parts.append(torch.where(rv, hidden_b[r0:r1].to(gemm_dtype), zero))
-        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        x = _stacked_rows(hidden_a, hidden_b if load_b else None, valid, r0, r1, zero)
         z = ws[: views * c]
         dz = dz_ws[: views * c]
         _mm_f32(x, w_g.T, out=z)
@@ -187,13 +190,8 @@ def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, dh_a, dh_b, weight_
     for r0 in range(0, n, c_max):
         r1 = min(r0 + c_max, n)
         c = r1 - r0
-        # Ignored rows may hold anything (even NaN): zero them so 0 * NaN never reaches dW; their
-        # statistics are 0 whatever the logits.
-        rv = valid[r0:r1, None]
-        parts = [torch.where(rv, hidden_a[r0:r1].to(gemm_dtype), zero)]
-        if two:
-            parts.append(torch.where(rv, hidden_b[r0:r1].to(gemm_dtype), zero))
-        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        # the statistics of ignored rows are 0 whatever their (zeroed) logits
+        x = _stacked_rows(hidden_a, hidden_b if two else None, valid, r0, r1, zero)
         z = ws[: views * c]
         _mm_f32(x, w_g.T, out=z)  # the only logit GEMM of this chunk
         t = targets[r0:r1]
