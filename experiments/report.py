@@ -89,6 +89,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "variant": exp["variant"], "seed": exp["seed"], "k": k,
         "questions": final.get("eval/questions"),
         "avg": final[f"eval/avg@{k}"],
+        "format": final.get("eval/format"),
         "by_category": final.get("eval/by_category", {}),
         "initial_avg": final.get("initial", {}).get(f"avg@{k}"),
         "initial_by_category": final.get("initial", {}).get("by_category", {}),
@@ -109,7 +110,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     kl = [r["rollout/kl_perception_exact"] for r in steps if "rollout/kl_perception_exact" in r]
     if kl and evals:
         c = stats.collapse(kl, [v for _, v in evals])
-        row.update(kl_initial=c.kl_initial, kl_final=c.kl_final, kl_ratio=c.kl_ratio,
+        row.update(kl_initial=c.kl_initial, kl_peak=c.kl_peak, kl_final=c.kl_final, kl_ratio=c.kl_ratio,
                    eval_peak=c.eval_peak, eval_drop_points=c.eval_drop_points, collapsed=c.collapsed)
     row.update(_papo_fields(run_dir))
     return row
@@ -141,6 +142,18 @@ def warm_starts(root: Path) -> list[dict[str, Any]]:
 
 def _pct(x: float | None, digits: int = 1) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
 
 
 def _mean_sd_pct(values: list[float]) -> str:
@@ -257,38 +270,40 @@ def render_markdown(rows: list[dict[str, Any]], *, title: str = "Sweep results",
         from experiments.variants import grid_cells
 
         lines += ["", "## KL-hacking grid (sampled estimator)", "",
-                  f"Collapse: perception KL (mean of the last {stats.WINDOW} steps over the first "
-                  f"{stats.WINDOW}) >= {stats.KL_FACTOR:g}x and held-out accuracy >= "
-                  f"{stats.DROP_POINTS:g} points below its peak at the end.", "",
+                  f"Collapse: the perception KL's highest {stats.WINDOW}-step mean >= "
+                  f"{stats.KL_FACTOR:g}x its first {stats.WINDOW}-step mean, and the final held-out "
+                  f"accuracy >= {stats.DROP_POINTS:g} points below the run's best. Final format: the "
+                  "share of held-out answers in the `<think>...</think> \\boxed{}` format at the end (a "
+                  "run can also fail by losing its format, with the KL falling instead of rising).", "",
                   f"| gamma | eta | variant | seeds | avg@{k} (%) | Δ vs {BASELINE} (points) | perception KL "
-                  "last/first (median) | drop from peak (points, mean) | collapsed |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "peak/first (median) | drop from peak (points, mean) | final format (%) | collapsed |",
+                  "|---" * 10 + "|"]
         for gamma, eta, v in grid_cells():
             mine = [r for r in rows if r["variant"] == v]
             if not mine:
                 continue
             iv = stats.paired_interval(_by_seed(rows, v, "avg"), base) if baseline_present else None
-            ratios = sorted(r["kl_ratio"] for r in mine if r.get("kl_ratio") is not None)
-            med = ratios[len(ratios) // 2] if len(ratios) % 2 else (
-                0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) if ratios else float("nan"))
+            ratios = [r["kl_ratio"] for r in mine if r.get("kl_ratio") is not None]
             drops = [r["eval_drop_points"] for r in mine if r.get("eval_drop_points") is not None]
+            formats = [r["format"] for r in mine if r.get("format") is not None]
             n_col = sum(1 for r in mine if r.get("collapsed"))
-            mean_drop = (sum(drops) / len(drops)) if drops else float("nan")
             lines.append(f"| {gamma:g} | {eta:g} | {v} | {len(mine)} | "
                          f"{_mean_sd_pct([r['avg'] for r in mine])} | {_interval_pts(iv) if iv else '-'} | "
-                         f"{med:.2f} | {mean_drop:.1f} | {n_col}/{len(mine)} |")
+                         f"{_median(ratios):.2f} | {_mean(drops):.1f} | {_mean_sd_pct(formats)} | "
+                         f"{n_col}/{len(mine)} |")
 
     lines += ["", "## Runs", "",
-              f"| variant | seed | step-0 avg@{k} (%) | final avg@{k} (%) | black (%) | KL last/first | "
-              "collapsed | wall (min) | CPU (min) | attempts |", "|---" * 10 + "|"]
+              f"| variant | seed | step-0 avg@{k} (%) | final avg@{k} (%) | format (%) | black (%) | "
+              "KL peak/first | collapsed | wall (min) | CPU (min) | attempts |", "|---" * 11 + "|"]
     for v in order:
         for r in sorted((r for r in rows if r["variant"] == v), key=lambda r: r["seed"]):
             ratio = r.get("kl_ratio")
             cpu_min = r["cpu_s"] / 60 if r.get("cpu_s") else float("nan")
             lines.append(f"| {v} | {r['seed']} | {_pct(r.get('initial_avg'))} | {_pct(r['avg'])} | "
-                         f"{_pct(r.get('black_avg'))} | {'-' if ratio is None else f'{ratio:.2f}'} | "
-                         f"{'yes' if r.get('collapsed') else 'no'} | {r['wall_s'] / 60:.1f} | "
-                         f"{cpu_min:.1f} | {r.get('attempts', 1)} |")
+                         f"{_pct(r.get('format'))} | {_pct(r.get('black_avg'))} | "
+                         f"{'-' if ratio is None else f'{ratio:.2f}'} | "
+                         f"{'yes' if r.get('collapsed') else 'no'} | "
+                         f"{r['wall_s'] / 60:.1f} | {cpu_min:.1f} | {r.get('attempts', 1)} |")
     # the warm start is shared: every variant of a seed must start from the same step-0 score
     by_seed: dict[int, set[float]] = defaultdict(set)
     for r in rows:

@@ -4,9 +4,9 @@
   d_s = score(variant, seed s) - score(baseline, seed s), over the seeds both finished.
 - The 95% interval is Student's t on those differences: mean(d) +- t(0.975, n-1) * sd(d) / sqrt(n).
 - A variant "helps" only if the interval lies above 0, "hurts" only if it lies below 0.
-- A run "collapsed" when its perception KL rose 10x (mean of its last `window` steps over the
-  mean of its first `window` steps) and its held-out accuracy fell >= 5 points from its peak
-  (peak over the run's evaluations minus the final evaluation).
+- A run "collapsed" when its perception KL rose 10x (the highest mean over `window`
+  consecutive steps, over the mean of its first `window` steps) and its held-out accuracy fell
+  >= 5 points from its peak (peak over the run's evaluations minus the final evaluation).
 
 Nothing here depends on scipy: the t quantile comes from the regularized incomplete beta
 function (continued fraction) and bisection.
@@ -152,6 +152,7 @@ class Collapse:
     """The collapse signals of one run."""
 
     kl_initial: float
+    kl_peak: float
     kl_final: float
     kl_ratio: float
     eval_peak: float
@@ -163,13 +164,16 @@ class Collapse:
 def collapse(kl_per_step: Sequence[float], eval_scores: Sequence[float], *, window: int = WINDOW,
              kl_factor: float = KL_FACTOR, drop_points: float = DROP_POINTS) -> Collapse:
     """Apply the collapse rule to a run's per-step perception KL and its held-out scores
-    (fractions in [0, 1], in step order, the last one final)."""
+    (fractions in [0, 1], in step order, the last one final). The KL ratio is the peak of its
+    `window`-step moving mean over the first window: a run whose KL blew up and then fell back
+    (e.g. to 0 once its outputs stopped depending on the image) still counts as having risen."""
     if not kl_per_step or not eval_scores:
         raise ValueError("collapse needs at least one KL value and one evaluation")
     w = max(1, min(window, len(kl_per_step)))
-    first = sum(kl_per_step[:w]) / w
-    last = sum(kl_per_step[-w:]) / w
-    ratio = last / first if first > 0 else float("inf")
+    means = [sum(kl_per_step[i:i + w]) / w for i in range(len(kl_per_step) - w + 1)]
+    first, peak_kl, last = means[0], max(means), means[-1]
+    ratio = peak_kl / first if first > 0 else float("inf")
     peak, final = max(eval_scores), eval_scores[-1]
     drop = 100.0 * (peak - final)
-    return Collapse(first, last, ratio, peak, final, drop, ratio >= kl_factor and drop >= drop_points)
+    collapsed = ratio >= kl_factor and drop >= drop_points
+    return Collapse(first, peak_kl, last, ratio, peak, final, drop, collapsed)

@@ -64,6 +64,10 @@ def test_collapse_rule(kl_last, evals, collapsed):
     kl = [0.01] * 5 + [0.05] * 5 + [kl_last] * 5
     c = stats.collapse(kl, evals)
     assert c.kl_ratio == pytest.approx(kl_last / 0.01)
+    # a KL that blew up and fell back to 0 (outputs no longer depend on the image) still rose
+    c = stats.collapse([0.01] * 5 + [kl_last] * 5 + [0.0] * 5, evals)
+    assert c.kl_ratio == pytest.approx(kl_last / 0.01) and c.kl_final == 0.0
+    assert c.collapsed is collapsed
     assert c.eval_drop_points == pytest.approx(100 * (max(evals) - evals[-1]))
     assert c.collapsed is collapsed
 
@@ -72,7 +76,7 @@ def test_collapse_rule(kl_last, evals, collapsed):
 
 
 def _row(variant, seed, avg, *, black=0.05, cat=None, step_s=1.0, kl_ratio=1.5, collapsed=False, drop=0.0):
-    return {"variant": variant, "seed": seed, "k": 4, "questions": 256, "avg": avg,
+    return {"variant": variant, "seed": seed, "k": 4, "questions": 256, "avg": avg, "format": 0.9,
             "initial_avg": 0.30 + 0.01 * seed,
             "by_category": cat or {"count": avg - 0.1, "colour": avg + 0.1}, "black_avg": black,
             "black_by_category": {"count": black, "colour": black}, "blind_baseline": 0.3125,
@@ -113,7 +117,7 @@ def test_tables_from_fixed_jsonl(tmp_path, capsys):
     # per category: count is avg - 10 points, so its differences equal the overall ones
     assert "| papo-g | count | 37.3 ± 5.0 | +2.3 [+0.9, +3.8] | helps |" in md
     # the grid: collapse counted per run, the paired interval over the 2 shared seeds
-    assert row("| 0.2 | 0 | g0.2-e0 | 2 |").endswith("| 14.00 | 4.5 | 1/2 |")
+    assert row("| 0.2 | 0 | g0.2-e0 | 2 |").endswith("| 14.00 | 4.5 | 90.0 ± 0.0 | 1/2 |")
     assert "seed 1: 31.0; seed 2: 32.0; seed 3: 33.0." in md
 
     path = tmp_path / "runs.jsonl"
