@@ -540,7 +540,8 @@ class Trainer:
             if not cfg.data.train_path and not (self.out / "data" / "summary.json").exists():
                 s = cfg.data.synthetic
                 write_synthetic(self.out / "data", n_train=s.n_train, n_val=s.n_val, seed=s.seed,
-                                tasks=s.tasks, image_size=s.image_size)
+                                tasks=s.tasks, image_size=s.image_size, variant=s.variant, skew=s.skew,
+                                hint_accuracy=s.hint_accuracy)
         barrier()
         return model_dir, {"train": train_path, "val": val_path}
 
