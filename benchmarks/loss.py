@@ -312,7 +312,7 @@ def search_max_tokens(shape, names: list[str], args, deadline: H.Deadline, cells
             for c in mine:
                 c["max_tokens"] = "not searched"
             continue
-        if deadline.expired(args.reserve_s + 60):
+        if deadline.expired(args.reserve_s + min(60.0, args.max_tokens_budget_s)):
             for c in mine:
                 c["max_tokens"] = "skipped (time budget)"
             continue
@@ -620,11 +620,18 @@ def main(argv=None) -> list[dict]:
 
     if args.max_tokens_only:
         args.max_tokens, args.search_start = True, tokens[0]
+        probe = P.make_inputs("two_view", "fwd_bwd", 8, 8, 64, getattr(torch, shape.dtype), shape.device)
         for name in names:
             p = P.PROVIDERS[name]
             if ("two_view", "fwd_bwd") in p.workloads and p.kind != "floor":
                 cell = _cell("two_view", "fwd_bwd", shape, tokens[0], name, args)
                 cell["status"], cell["reason"] = "search", "largest N only (--max-tokens-only)"
+                try:  # a provider that cannot run here is a cell, not a search
+                    P.build(name, probe, _opts(args))
+                except P.Unavailable as exc:
+                    cell["status"], cell["reason"] = "unavailable", str(exc)
+                except Exception:  # noqa: BLE001 - the search reports it
+                    pass
                 section["cells"].append(cell)
         search_max_tokens(shape, names, args, deadline, section["cells"])
         tokens = []

@@ -13,9 +13,11 @@ accumulates in fp32, and dh is rounded once. torch exposes this as
 - CPU has neither (NotImplementedError), nor does the Triton interpreter's world.
 
 Each capability is probed once per (device, dtype) on 16 x 16 tensors and cached. What cannot
-run falls back: mm to an fp32 GEMM of upcast operands; addmm to fp32 products of row slices
-added into the accumulator (a temporary of at most 64 Mi elements). `paths()` counts which path
-ran, so a GPU run can report it (and whether the accumulator was updated in place).
+run falls back: mm to an fp32 GEMM of upcast operands; addmm first to baddbmm.dtype on a batch
+of one (its out_dtype form copies `self` into `out`, a no-op when they are the same tensor, and
+accepts an fp32 `self`), then to fp32 products of row slices added into the accumulator (a
+temporary of at most 64 Mi elements: three times the accumulator's memory traffic). `paths()`
+counts which path ran, so a GPU run can report it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,17 @@ def _addmm_fp32_self_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return _probe(device, dtype, call)
 
 
+@functools.lru_cache(maxsize=None)
+def _baddbmm_fp32_self_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    def call(a):
+        acc = torch.zeros((16, 16), dtype=torch.float32, device=a.device)
+        ptr = acc.data_ptr()
+        out = torch.baddbmm(acc[None], a[None], a[None], out_dtype=torch.float32, out=acc[None])
+        return acc if out.data_ptr() == ptr else acc.new_zeros(0)
+
+    return _probe(device, dtype, call)
+
+
 def _device_key(t: torch.Tensor) -> torch.device:
     device = t.device
     if device.type == "cuda" and device.index is None:
@@ -102,6 +115,10 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float
     if half_gemm_supported(a) and _addmm_fp32_self_ok(_device_key(a), a.dtype):
         _PATHS["addmm_out_dtype_inplace"] += 1
         return torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
+    if half_gemm_supported(a) and _baddbmm_fp32_self_ok(_device_key(a), a.dtype):
+        _PATHS["baddbmm_out_dtype_inplace"] += 1
+        torch.baddbmm(acc[None], a[None], b[None], out_dtype=torch.float32, alpha=alpha, out=acc[None])
+        return acc
     # fp32 products of row slices added into the accumulator: bounded temporaries
     _PATHS["addmm_sliced"] += 1
     step = max(1, _SLICE_ELEMENTS // max(1, acc.shape[1]))

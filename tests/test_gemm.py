@@ -14,21 +14,23 @@ import torch
 from papo_kernels import _gemm, reference
 from papo_kernels.reference import RowGrads
 
+_PROBES = ("_mm_out_dtype_ok", "_addmm_fp32_self_ok", "_baddbmm_fp32_self_ok")
+
 
 @pytest.fixture
 def fresh_probes():
-    _gemm._mm_out_dtype_ok.cache_clear()
-    _gemm._addmm_fp32_self_ok.cache_clear()
+    for name in _PROBES:
+        getattr(_gemm, name).cache_clear()
     _gemm.reset_paths()
     yield
-    _gemm._mm_out_dtype_ok.cache_clear()
-    _gemm._addmm_fp32_self_ok.cache_clear()
+    for name in _PROBES:
+        getattr(_gemm, name).cache_clear()
 
 
-def _emulated_out_dtype(monkeypatch, addmm_fp32_self=True):
-    """torch.mm / torch.addmm as CUDA builds with `out_dtype` behave (optionally refusing an fp32
-    `self` in addmm, as some builds do)."""
-    real_mm, real_addmm = torch.mm, torch.addmm
+def _emulated_out_dtype(monkeypatch, addmm_fp32_self=True, has_baddbmm=True):
+    """torch.mm / addmm / baddbmm as CUDA builds with `out_dtype` behave (optionally refusing an
+    fp32 `self` in addmm, as some builds do, or lacking baddbmm's out_dtype)."""
+    real_mm, real_addmm, real_baddbmm = torch.mm, torch.addmm, torch.baddbmm
 
     def mm(a, b, *, out_dtype=None, out=None):
         if out_dtype is None:
@@ -45,8 +47,17 @@ def _emulated_out_dtype(monkeypatch, addmm_fp32_self=True):
         r = real_addmm(acc, a.float(), b.float(), beta=beta, alpha=alpha)
         return out.copy_(r) if out is not None else r
 
+    def baddbmm(acc, a, b, *, out_dtype=None, beta=1, alpha=1, out=None):
+        if out_dtype is not None and not has_baddbmm:
+            raise TypeError("baddbmm() got an unexpected keyword argument 'out_dtype'")
+        if out_dtype is None:
+            return real_baddbmm(acc, a, b, beta=beta, alpha=alpha, out=out)
+        out.copy_(acc)  # what the CUDA kernel does first (a no-op when out is acc)
+        return real_baddbmm(out, a.float(), b.float(), beta=beta, alpha=alpha, out=out)
+
     monkeypatch.setattr(torch, "mm", mm)
     monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(torch, "baddbmm", baddbmm)
     # the probes and the device check are what differ on CPU: accept bf16/fp16 on any device
     monkeypatch.setattr(_gemm, "half_gemm_supported",
                         lambda t: t.dtype in _gemm.HALF and _gemm._mm_out_dtype_ok(t.device, t.dtype))
@@ -71,9 +82,12 @@ def test_probes_follow_what_torch_accepts(fresh_probes, monkeypatch):
     _emulated_out_dtype(monkeypatch, addmm_fp32_self=False)
     assert _gemm._mm_out_dtype_ok(cpu, torch.bfloat16)
     assert not _gemm._addmm_fp32_self_ok(cpu, torch.bfloat16)  # the older CUDA builds
+    assert _gemm._baddbmm_fp32_self_ok(cpu, torch.bfloat16)
     _gemm._addmm_fp32_self_ok.cache_clear()
-    _emulated_out_dtype(monkeypatch, addmm_fp32_self=True)
+    _gemm._baddbmm_fp32_self_ok.cache_clear()
+    _emulated_out_dtype(monkeypatch, addmm_fp32_self=True, has_baddbmm=False)
     assert _gemm._addmm_fp32_self_ok(cpu, torch.bfloat16)
+    assert not _gemm._baddbmm_fp32_self_ok(cpu, torch.bfloat16)
 
     def no_kwarg(a, b, out=None):  # torch before out_dtype existed
         raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
@@ -82,11 +96,16 @@ def test_probes_follow_what_torch_accepts(fresh_probes, monkeypatch):
     assert not _gemm._mm_out_dtype_ok(cpu, torch.float16)
 
 
-@pytest.mark.parametrize("fp32_self", [True, False], ids=["inplace", "sliced"])
-def test_addmm_paths_add_into_the_accumulator(fresh_probes, monkeypatch, fp32_self):
-    """In place where torch allows an fp32 `self`, else row slices of fp32 products (a few rows
-    per slice here, so the slicing runs): both add alpha * a @ b into the accumulator."""
-    _emulated_out_dtype(monkeypatch, addmm_fp32_self=fp32_self)
+@pytest.mark.parametrize("path,fp32_self,has_baddbmm", [
+    ("addmm_out_dtype_inplace", True, True),
+    ("baddbmm_out_dtype_inplace", False, True),
+    ("addmm_sliced", False, False),
+])
+def test_addmm_paths_add_into_the_accumulator(fresh_probes, monkeypatch, path, fp32_self, has_baddbmm):
+    """In place where torch allows an fp32 `self` (addmm, else baddbmm on a batch of one), else
+    row slices of fp32 products (a few rows per slice here, so the slicing runs): each adds
+    alpha * a @ b into the accumulator itself."""
+    _emulated_out_dtype(monkeypatch, addmm_fp32_self=fp32_self, has_baddbmm=has_baddbmm)
     monkeypatch.setattr(_gemm, "_SLICE_ELEMENTS", 12)  # 3 rows of 4 columns per slice
     g = torch.Generator().manual_seed(0)
     a = torch.randn(10, 7, generator=g).bfloat16()
@@ -96,11 +115,14 @@ def test_addmm_paths_add_into_the_accumulator(fresh_probes, monkeypatch, fp32_se
     out = _gemm.addmm_f32_(acc, a, b, alpha=0.25)
     assert out.data_ptr() == acc.data_ptr()
     torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)
-    assert _gemm.paths().get("addmm_out_dtype_inplace" if fp32_self else "addmm_sliced") == 1
+    assert _gemm.paths().get(path) == 1
+
+
+TEMPERATURE = 0.7
 
 
 def _dense64(ha, hb, w, t, coefs):
-    za, zb = ha @ w.T, hb @ w.T
+    za, zb = ha @ w.T / TEMPERATURE, hb @ w.T / TEMPERATURE
     la, lb = za.log_softmax(-1), zb.log_softmax(-1)
     valid = t != -100
     idx = torch.where(valid, t, 0)[:, None]
@@ -112,11 +134,12 @@ def _dense64(ha, hb, w, t, coefs):
 
 
 def _torch_backend_grads(ha, hb, w, t, coefs):
-    s = reference.forward_stats(ha, hb, w, t)
+    s = reference.forward_stats(ha, hb, w, t, temperature=TEMPERATURE)
     g = RowGrads(logp_a=coefs[0].float(), entropy_b=coefs[1].float(), kl_ab=coefs[2].float())
     acc = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
     dh_a, dh_b = reference.backward_grads(ha, hb, w, t, s, g, need_hidden_b=True, weight_grad_acc=acc,
-                                          hidden_b_is_constant=False, chunk_tokens=16, chunk_vocab=64)
+                                          hidden_b_is_constant=False, chunk_tokens=16, chunk_vocab=64,
+                                          temperature=TEMPERATURE)
     return s, dh_a, dh_b, acc
 
 
@@ -141,7 +164,7 @@ def test_torch_backend_half_operand_path_on_cpu(fresh_probes, monkeypatch):
     t = torch.randint(0, v, (n,), generator=g)
     t[5] = -100
     coefs = torch.randn(3, n, generator=g)
-    s32 = reference.forward_stats(ha, hb, w, t)  # CPU: upcast operands, fp32 GEMMs
+    s32 = reference.forward_stats(ha, hb, w, t, temperature=TEMPERATURE)  # CPU: upcast, fp32 GEMMs
     assert "mm_out_dtype" not in _gemm.paths()
     _emulated_out_dtype(monkeypatch)
     assert reference._gemm_dtype(ha, torch.float32) == torch.bfloat16

@@ -408,12 +408,15 @@ def test_many_tiles_splits_and_chunks():
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_inregister_forward(dtype):
+def test_inregister_forward(dtype, monkeypatch):
     """The in-register forward (PAPO_INREGISTER_FORWARD=1, kept for the GPU comparison of the
     no-grad statistics): one split, and 7 vocabulary tiles in 5 splits merged by the combine kernel."""
     n, h, v = 37, 40, 203
     ha, hb, w, t = make_inputs(n, h, v, dtype, ignored=(6,))
     ref = reference.forward_stats(ha, hb, w, t, temperature=0.7)
+    calls = []
+    real = K.inregister_stats
+    monkeypatch.setattr(K, "inregister_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     small = _config.LaunchConfig(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, splits=5)
     for configs in ({}, dict(inregister_stats=small, stats_combine=_SMALL["stats_combine"])):
         with _config.override_workspace(inregister_forward=True), _config.override_configs(**configs):
@@ -421,6 +424,9 @@ def test_inregister_forward(dtype):
         for name, x, x_r in zip(RowStats._fields, got, ref):
             assert torch.allclose(x, x_r, atol=STAT_ATOL, rtol=0), (name, configs)
         assert got.logp_a[6].item() == 0.0
+    assert len(calls) == 2
+    K.forward_stats(ha, hb, w, t)  # the switch is off again: the workspace forward
+    assert len(calls) == 2
 
 
 def test_workspace_is_bitwise_reproducible():
