@@ -112,13 +112,22 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float
     if a.dtype not in HALF:
         _PATHS["addmm"] += 1
         return acc.addmm_(a, b, alpha=alpha)
+    # The probes ran on contiguous 16 x 16 operands; a layout a build still refuses (the checks
+    # run before any kernel, so acc is untouched) falls through to the slices.
     if half_gemm_supported(a) and _addmm_fp32_self_ok(_device_key(a), a.dtype):
-        _PATHS["addmm_out_dtype_inplace"] += 1
-        return torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
+            _PATHS["addmm_out_dtype_inplace"] += 1
+            return acc
+        except RuntimeError:
+            _PATHS["addmm_out_dtype_refused"] += 1
     if half_gemm_supported(a) and _baddbmm_fp32_self_ok(_device_key(a), a.dtype):
-        _PATHS["baddbmm_out_dtype_inplace"] += 1
-        torch.baddbmm(acc[None], a[None], b[None], out_dtype=torch.float32, alpha=alpha, out=acc[None])
-        return acc
+        try:
+            torch.baddbmm(acc[None], a[None], b[None], out_dtype=torch.float32, alpha=alpha, out=acc[None])
+            _PATHS["baddbmm_out_dtype_inplace"] += 1
+            return acc
+        except RuntimeError:
+            _PATHS["baddbmm_out_dtype_refused"] += 1
     # fp32 products of row slices added into the accumulator: bounded temporaries
     _PATHS["addmm_sliced"] += 1
     step = max(1, _SLICE_ELEMENTS // max(1, acc.shape[1]))

@@ -27,7 +27,7 @@ def fresh_probes():
         getattr(_gemm, name).cache_clear()
 
 
-def _emulated_out_dtype(monkeypatch, addmm_fp32_self=True, has_baddbmm=True):
+def _emulated_out_dtype(monkeypatch, addmm_fp32_self=True, has_baddbmm=True, strided_ok=True):
     """torch.mm / addmm / baddbmm as CUDA builds with `out_dtype` behave (optionally refusing an
     fp32 `self` in addmm, as some builds do, or lacking baddbmm's out_dtype)."""
     real_mm, real_addmm, real_baddbmm = torch.mm, torch.addmm, torch.baddbmm
@@ -44,6 +44,8 @@ def _emulated_out_dtype(monkeypatch, addmm_fp32_self=True, has_baddbmm=True):
                 else real_addmm(acc, a, b, beta=beta, alpha=alpha)
         if acc.dtype != a.dtype and not addmm_fp32_self:
             raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+        if not strided_ok and not a.is_contiguous():
+            raise RuntimeError("a layout this build refuses")
         r = real_addmm(acc, a.float(), b.float(), beta=beta, alpha=alpha)
         return out.copy_(r) if out is not None else r
 
@@ -119,6 +121,20 @@ def test_addmm_paths_add_into_the_accumulator(fresh_probes, monkeypatch, path, f
 
 
 TEMPERATURE = 0.7
+
+
+def test_a_refused_layout_falls_back_to_slices(fresh_probes, monkeypatch):
+    """The probes use contiguous operands; a build that refuses the ring's transposed dZ at run
+    time must still add the product (through the slices), not fail the loss."""
+    _emulated_out_dtype(monkeypatch, has_baddbmm=False, strided_ok=False)
+    g = torch.Generator().manual_seed(0)
+    dz = torch.randn(7, 10, generator=g).bfloat16()  # [rows, V]: the dW GEMM takes dz.T
+    x = torch.randn(7, 4, generator=g).bfloat16()
+    acc = torch.randn(10, 4, generator=g)
+    want = acc + (dz.double().T @ x.double()).float()
+    _gemm.addmm_f32_(acc, dz.T, x)
+    torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)
+    assert _gemm.paths().get("addmm_out_dtype_refused") == 1 and _gemm.paths().get("addmm_sliced") == 1
 
 
 def _dense64(ha, hb, w, t, coefs):
