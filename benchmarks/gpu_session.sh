@@ -71,8 +71,13 @@ if [ "$DRY" != 1 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_a
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm \
   --format=csv 2>&1 | tee -a "$LOG"
-SLUG=$($PY -c "from benchmarks._harness import device_slug, environment; import sys
+SLUG=$($PY -c "from benchmarks._harness import environment
 env = environment('cuda' if '$DRY' != '1' else 'cpu'); print(env['slug'] + '-' + env['date'])")
+# The committed files this run adds to (an earlier window of the same day, the CSV history), so
+# that extracting the tarball over benchmarks/ keeps them.
+for f in "benchmarks/results/$SLUG.json" benchmarks/results/loss.csv; do
+  [ -f "$f" ] && cp "$f" "$RESULTS/"
+done
 
 # --- shapes: the 7B head on the GPU, the tiny head on the CPU
 if [ "$DRY" = 1 ]; then
