@@ -6,7 +6,7 @@
 Every ratio compares cells of one results file, i.e. one run on one card (an H200 has more
 bandwidth than the H100: only ratios within a run mean anything). The floor is the `floor`
 provider of the same workload and N: six GEMMs per token for two views with gradients, four when
-view b is a constant (`--detached-b`). Extra memory is the DESIGN.md accounting (peak minus
+view b is a constant (`--detached-b`). Extra memory is the docs/design.md accounting (peak minus
 inputs and one gradient per input) less the fp32 dW accumulator. Cells come from every "loss*"
 section of the file (gpu_session.sh writes one section per stage).
 """

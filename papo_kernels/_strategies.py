@@ -1,6 +1,6 @@
 """Execution strategy names: the public choices and the retired ones (with the reason, for errors).
 
-A strategy selects how a backend that has several runs (DESIGN.md "Execution strategies").
+A strategy selects how a backend that has several runs (docs/design.md "Execution strategies").
 The torch backend has one and accepts any valid name; the Triton backend has the workspace
 strategy. "fused" (the in-register Triton kernels) was retired from the public choices: with
 gradients it measured 104x the GEMM floor on an H100 (benchmarks/GPU_NOTES.md), and an

@@ -156,7 +156,7 @@ _COMMON_ARGS = """
         backend: "auto" (fastest available for the tensors' device), "torch" (chunked
             PyTorch, any device and dtype), "triton", "cpp"; an explicit backend that is not
             built or cannot run raises BackendUnavailableError.
-        strategy: "auto" | "workspace" (DESIGN.md "Execution strategies"); the Triton backend
+        strategy: "auto" | "workspace" (docs/design.md "Execution strategies"); the Triton backend
             has the workspace strategy only (the in-register "fused" one was retired), the
             torch backend has one and ignores it.
         check_inputs: raise ValueError naming `targets` for ids outside [0, V) other than

@@ -1,6 +1,6 @@
 """Triton backend (`backend="triton"`): `forward_stats` / `backward_grads` with reference.py's signatures.
 
-One execution strategy, "workspace" (what "auto" picks; DESIGN.md "Execution strategies"): per
+One execution strategy, "workspace" (what "auto" picks; docs/design.md "Execution strategies"): per
 chunk of C rows, one cuBLAS GEMM of the stacked views into a bounded fp32 logit workspace,
 Triton epilogues for the statistics and dZ, and per ring of dZ rows one stacked dh GEMM and one
 dW GEMM (workspace.py, stats_workspace.py, stats_combine.py, grad_workspace.py).

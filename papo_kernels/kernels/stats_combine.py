@@ -1,7 +1,7 @@
 """Vocabulary splits of the statistics: partial online sums per split, merged by one small kernel.
 
 A statistics kernel split over the vocabulary (the workspace epilogue over a logit chunk, the
-in-register forward over W tiles) folds its columns into the running sums of DESIGN.md's phase 1
+in-register forward over W tiles) folds its columns into the running sums of docs/design.md's phase 1
 
     m, S = sum e^(z-m), U' = sum e^(z-m)(z-m), z_y, X_ab = sum e^(z_a-m_a)(z_a-z_b), X_ba
 
