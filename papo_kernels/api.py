@@ -1,4 +1,4 @@
-"""Public API: the four calls of DESIGN.md's contract, input validation and backend dispatch.
+"""Public API: the four calls of docs/design.md's contract, input validation and backend dispatch.
 
     token_stats(hidden, weight, targets)                      -> TokenStats(logp, entropy)
     two_view_stats(hidden_a, hidden_b, weight, targets)       -> TwoViewStats(logp_a, logp_b,

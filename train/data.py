@@ -1,6 +1,6 @@
 """Data: the ViRL39K-format loader, the PAPO prompt template and the synthetic visual task.
 
-ViRL39K format (PAPO_SPEC section 5): one row per question with `problem`
+ViRL39K format (docs/algorithm.md): one row per question with `problem`
 (str, carrying one `<image>` placeholder per image), `answer` (str) and
 `images` (a list of images stored as `{"bytes", "path"}` dicts, PIL images,
 raw bytes or file paths). `load_records` reads it from local parquet / arrow /
@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
 
-# The instruction of the official `math_perception.jinja` (PAPO_SPEC section 3),
+# The instruction of the official `math_perception.jinja` (docs/algorithm.md),
 # appended after the trimmed problem and a blank line.
 PROMPT_INSTRUCTION = (
     "You first think through the reasoning process as an internal monologue, enclosed within "
@@ -145,7 +145,7 @@ def resized_size(width: int, height: int, *, min_pixels: int, max_pixels: int) -
 def process_image(img: Image.Image, *, min_pixels: int, max_pixels: int) -> Image.Image:
     """EasyR1's `process_image`: downscale to <= max_pixels, upscale to >= min_pixels, RGB.
 
-    Applied after masking (PAPO_SPEC section 2 masks the raw image), to the
+    Applied after masking (the official masking works on the raw image), to the
     original and the masked copy alike, so both get the same grid.
     """
     w, h = resized_size(img.width, img.height, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -307,7 +307,7 @@ class VisionRLDataset:
         records: rows from `load_records`.
         processor: a Qwen2.5-VL processor (its tokenizer and chat template are used).
         prompt_key, answer_key, image_key: field names (ViRL39K: problem/answer/images).
-        min_pixels, max_pixels: image resize bounds (PAPO_SPEC section 3).
+        min_pixels, max_pixels: image resize bounds (official 200,704 and 1,003,520).
         max_prompt_length: prompts longer than this many tokens, image tokens
             included, are dropped and counted.
         base_dir: directory that relative image paths resolve against.
