@@ -5,10 +5,11 @@
 #
 # With no STAGE it runs the stages still "pending" in benchmarks/gpu_stages.json, in that
 # file's order (most valuable first): tests, loss16k, maxbatch, bconst16k, token16k, sweep,
-# memory, step7b. A stage starts only if its budget fits in what is left of SESSION_BUDGET_S
-# (default 360 s: the window's device time less the machine's start); a stage that does not fit
-# stays pending. Each stage is killed at its budget; the benchmarks inside stop starting new
-# work ~20 s before that and keep what they measured.
+# memory, step7b, within SESSION_BUDGET_S (default 300 s: an 8-minute window less the machine's
+# start and the transfers). A stage starts while at least MIN_STAGE_S (45 s) are left and gets
+# its own budget or what is left, whichever is less; the stages after that stay pending. A
+# stage is killed at its budget; the benchmarks inside stop starting new work ~20 s before that
+# and keep what they measured (a stage cut short is "partial": the next window reruns it).
 #
 # After every stage $OUT holds four files (what the device tool brings back):
 #   results.tar.gz   results/<gpu>-<date>.{json,md} (one section per stage), plots, test logs
@@ -33,7 +34,8 @@ cd "$(dirname "$0")/.."
 DRY=${DRY_RUN:-0}
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 PY=${PYTHON:-python3}
-SESSION_BUDGET=${SESSION_BUDGET_S:-360}
+SESSION_BUDGET=${SESSION_BUDGET_S:-300}
+MIN_STAGE=${MIN_STAGE_S:-45}
 RECORD=benchmarks/gpu_stages.json
 ALL_STAGES="tests loss16k maxbatch bconst16k token16k sweep memory step7b"
 export PYTHONUNBUFFERED=1
@@ -97,7 +99,7 @@ else
   BUDGET_SCALE=1
 fi
 
-budget_of() {  # seconds a stage may take on the GPU
+budget_of() {  # the most seconds a stage may take on the GPU (its usual time is less)
   case "$1" in
     tests) echo 60 ;; loss16k) echo 150 ;; maxbatch) echo 120 ;; bconst16k) echo 75 ;;
     token16k) echo 100 ;; sweep) echo 120 ;; memory) echo 100 ;; step7b) echo 170 ;;
@@ -273,10 +275,11 @@ overall=0
 for stage in $STAGES; do
   STAGE_BUDGET=$(( $(budget_of "$stage") * BUDGET_SCALE ))
   left=$((SESSION_BUDGET - (SECONDS - START)))
-  if [ "$STAGE_BUDGET" -gt "$left" ]; then
-    say "stage $stage needs ${STAGE_BUDGET} s, ${left} s left: stays pending"
+  if [ "$left" -lt "$MIN_STAGE" ]; then
+    say "stage $stage: ${left} s left (< ${MIN_STAGE} s): stays pending"
     continue
   fi
+  [ "$STAGE_BUDGET" -gt "$left" ] && STAGE_BUDGET=$left
   say "stage $stage: start (budget ${STAGE_BUDGET} s)"
   t0=$SECONDS
   timeout -k 10 "$STAGE_BUDGET" bash -c "$(declare -f say providers loss install_wheels stage_$stage); \

@@ -31,11 +31,14 @@ def _cells(doc: dict) -> list[dict]:
 
 
 def _find(cells, provider, op="two_view", mode="fwd_bwd", tokens=HEADLINE_N, b_grad=True, field="vs_floor"):
-    """The value of `field` of the matching ok cell (the last one measured), or None."""
+    """The value of `field` of the matching ok cell, or None; where several stages measured it,
+    the cell with the most repetitions (then the last)."""
     hits = [c for c in cells if c["provider"] == provider and c["op"] == op and c["mode"] == mode
             and c["tokens"] == tokens and c.get("b_requires_grad", True) == b_grad
             and c.get(field) is not None and (field == "max_tokens" or c["status"] == "ok")]
-    return hits[-1][field] if hits else None
+    if not hits:
+        return None
+    return max(enumerate(hits), key=lambda ic: (len(ic[1].get("samples", [])), ic[0]))[1][field]
 
 
 def _row(what: str, target: str, value, ok: bool | None, where: str) -> dict:

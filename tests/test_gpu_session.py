@@ -70,8 +70,41 @@ def test_dry_run_runs_every_stage(tmp_path):
 def test_budget_leaves_stages_pending_and_unknown_stages_are_refused(tmp_path):
     proc = _run(tmp_path, "loss16k", "maxbatch", SESSION_BUDGET_S="5")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "stage loss16k needs 150 s, " in proc.stdout and "stays pending" in proc.stdout
+    assert "stage loss16k: " in proc.stdout and "s left (< 45 s): stays pending" in proc.stdout
     record = json.loads((tmp_path / "gpu_stages.json").read_text())
     assert all(s["status"] == "pending" for s in record["stages"])
     bad = _run(tmp_path, "losses")
     assert bad.returncode == 2 and "unknown stage 'losses'" in bad.stderr
+
+
+def test_targets_table_reads_ratios_memory_and_batch_limits():
+    from benchmarks import targets
+
+    def cell(provider, op="two_view", mode="fwd_bwd", tokens=16384, b=True, **kw):
+        base = dict(provider=provider, op=op, mode=mode, tokens=tokens, b_requires_grad=b, status="ok",
+                    kind="peer" if provider in ("compile", "eager") else "ours", samples=[1.0] * 5)
+        return dict(base, **kw)
+
+    doc = {"env": {}, "loss-16k": {"cells": [
+        cell("triton:fused:workspace", vs_floor=1.12, time={"median": 0.16}),
+        cell("triton:fused:workspace:v1", vs_floor=1.38, time={"median": 0.2}),
+        cell("compile", vs_floor=1.6, time={"median": 0.24})]},
+        "loss-memory-rings": {"cells": [  # 2 repetitions: the 5-repetition time wins
+            cell("triton:fused:workspace", vs_floor=1.5, samples=[1.0, 1.0], extra_beyond_dw_mb=700.0,
+                 plan={"ring_rows": 3840, "total_bytes": 1.7e9}),
+            cell("triton:fused:workspace:ring8k", vs_floor=1.1, samples=[1.0], extra_beyond_dw_mb=1900.0)]},
+        "loss-bconst-16k": {"cells": [cell("triton:fused:workspace", b=False, vs_floor=1.2)]},
+        "loss-maxbatch": {"cells": [cell("triton:fused:workspace", status="search", max_tokens=">= 524288"),
+                                    cell("eager", status="search", max_tokens=20480)]}}
+    rows = {r["target"]: r for r in targets.evaluate(doc)}
+    assert rows["two views fwd+bwd, N 16k: `triton:fused:workspace`"]["measured"] == 1.12
+    assert rows["two views fwd+bwd, N 16k: `triton:fused:workspace`"]["verdict"] == "met"
+    assert rows["two views fwd+bwd, N 16k: `triton:fused:workspace:v1`"]["measured"] == 1.38
+    assert rows["two views 16k: torch.compile time / ours"]["measured"] == 1.5
+    assert rows["view b constant, N 16k (4-GEMM floor)"]["verdict"] == "missed"
+    assert rows["fused_token_loss, N 16k"]["verdict"] == "not measured"
+    assert rows["extra memory beyond fp32 dW, N 16k: `triton:fused:workspace`"]["verdict"] == "met"
+    assert rows["extra memory beyond fp32 dW, N 16k: `triton:fused:workspace:ring8k`"]["measured"] == 1900
+    batch = rows["largest micro-batch (tokens), ours / eager"]
+    assert batch["measured"] == 25.6 and batch["verdict"] == "met"
+    assert "| target | goal |" in targets.render(list(rows.values()))
