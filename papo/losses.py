@@ -421,7 +421,7 @@ class PAPOLoss(nn.Module):
     Args:
         config: PAPOConfig.
         backend, strategy, chunk_tokens: passed to the papo_kernels fused calls ("auto",
-            "torch", "triton", "cpp"; "auto", "workspace", "fused"; rows per chunk or None).
+            "torch", "triton", "cpp"; "auto", "workspace"; rows per chunk or None).
     """
 
     def __init__(self, config: PAPOConfig, *, backend: str = "auto", strategy: str = "auto",

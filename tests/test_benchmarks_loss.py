@@ -46,7 +46,9 @@ def test_registry():
     assert HEADS["qwen2.5-vl-7b"].vocab == 152_064 and HEADS["qwen2.5-vl-7b"].hidden == 3584
     assert SHAPES["cpu"].tokens == (2048,) and SHAPES["cpu"].head.vocab == 32_768
     assert {"eager", "compile", "floor", "liger", "cce", "verl", "torch:fused", "triton:fused:workspace",
-            "cpp:stats:fused"} <= set(P.PROVIDERS)
+            "triton:fused:workspace:v1", "triton:fused:workspace:ring2s", "triton:stats:inregister",
+            "cpp:stats", "cpp:fused"} <= set(P.PROVIDERS)
+    assert not any(name.endswith(":fused:fused") for name in P.PROVIDERS)  # the retired strategy
     # 6HV per token and view with grad; 2HV for a forward or a detached view
     assert P.useful_flops("two_view", "fwd_bwd", 1, 1, 1) == 12
     assert P.useful_flops("two_view", "fwd_bwd", 1, 1, 1, b_requires_grad=False) == 8
@@ -113,12 +115,13 @@ def test_unavailable_providers_are_cells_not_crashes(tmp_path):
     cells = L.main(["--shape", "cpu-odd", "--reps", "1", "--no-isolate", "--out-dir", str(tmp_path),
                     "--workloads", "two_view/fwd_bwd,token_stats/fwd",
                     "--providers", "eager,torch:stats,torch:fused,triton:fused:workspace,"
-                                   "triton:stats:fused,cpp:fused:fused,verl,floor"])
+                                   "triton:fused:workspace:v1,cpp:fused,verl,floor"])
     by = {(c["op"], c["provider"]): c for c in cells}
     assert by[("two_view", "triton:fused:workspace")]["status"] == "unavailable"
     assert "gpu-only" in by[("two_view", "triton:fused:workspace")]["reason"]
     assert by[("token_stats", "verl")]["status"] == "unavailable"
-    assert by[("two_view", "cpp:fused:fused")]["status"] in ("ok", "unavailable")
+    assert by[("two_view", "cpp:fused")]["status"] in ("ok", "unavailable")
+    assert by[("two_view", "triton:fused:workspace:v1")]["status"] == "unavailable"
     assert ("two_view", "verl") not in by  # verl has no two-view workload
     for name in ("eager", "torch:stats", "torch:fused", "floor"):
         c = by[("two_view", name)]
