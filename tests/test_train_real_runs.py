@@ -317,3 +317,28 @@ def test_non_finite_gradients_skip_the_step_at_every_zero_stage(assets, tmp_path
     assert all(torch.isfinite(v).all() for v in after.values())
     # the second mini-batch (finite) was applied
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+# --------------------------------------------------------------------------- reference policy
+
+
+def test_reference_policy_in_the_policy_dtype_and_offloaded(assets, tmp_path):
+    """ZeRO-0 replicates the policy, and the reference with it, in the policy's dtype (bf16 here,
+    never an fp32 copy); model.ref_offload holds it in a ZeRO-3 engine with its parameters in CPU
+    memory (test_train_multirank.py checks the sharding on two ranks)."""
+    for offload in (False, True):
+        tr = trainer(fresh(assets, tmp_path, f"ref{offload}"), "papo.preset=papo-g-7b", "model.dtype=bfloat16",
+                     *(["model.ref_offload=true"] if offload else []))
+        try:
+            params = list(tr.ref_model.parameters())
+            stored = [getattr(p, "ds_tensor", p) for p in params]
+            assert {t.dtype for t in stored} == {torch.bfloat16} and not any(p.requires_grad for p in params)
+            assert tr.ref_sharded is offload
+            if offload:
+                assert tr.ref_model.zero_optimization_stage() == 3
+                assert tr.ref_model.zero_offload_param().device == "cpu"
+                assert {t.device.type for t in stored} == {"cpu"}
+            rec = tr.train_step()
+            assert math.isfinite(rec["kl/ref"]) and math.isfinite(rec["loss/total"])
+        finally:
+            tr.close()
