@@ -327,8 +327,9 @@ def test_reference_policy_in_the_policy_dtype_and_offloaded(assets, tmp_path):
     never an fp32 copy); model.ref_offload holds it in a ZeRO-3 engine with its parameters in CPU
     memory (test_train_multirank.py checks the sharding on two ranks)."""
     for offload in (False, True):
-        tr = trainer(fresh(assets, tmp_path, f"ref{offload}"), "papo.preset=papo-g-7b", "model.dtype=bfloat16",
-                     *(["model.ref_offload=true"] if offload else []))
+        extra = ["papo.preset=papo-g-7b", "model.dtype=bfloat16"]
+        extra += ["model.ref_offload=true"] if offload else []
+        tr = trainer(fresh(assets, tmp_path, f"ref{offload}"), *extra)
         try:
             params = list(tr.ref_model.parameters())
             stored = [getattr(p, "ds_tensor", p) for p in params]
