@@ -6,7 +6,7 @@ Workloads (op, mode):
                                + eta (H_a + H_b),  loss = sum_t l_t / N
                          Both views require grad by default (the "live" masked view), so the
                          useful work is 6HV FLOPs per token and view; --detached-b makes view b a
-                         constant (2HV for it, DESIGN.md "masked view detached").
+                         constant (2HV for it; the detached view of docs/design.md).
     token_stats fwd      logp and the full-vocabulary entropy of one view, no grad (2HV).
     token_stats fwd_bwd  l_t = -A_t exp(logp - sg(logp)) + eta H, loss = sum_t l_t / N (6HV).
 
@@ -163,7 +163,7 @@ def dense_stats(z: torch.Tensor, targets: torch.Tensor):
 
 def dense_two_view_loss(h_a, h_b, w, targets, adv, inv_n):
     za = h_a @ w.T
-    # a view whose hidden states need no grad is a constant distribution (DESIGN.md contract)
+    # a view whose hidden states need no grad is a constant distribution (docs/design.md contract)
     zb = h_b @ (w if h_b.requires_grad else w.detach()).T
     lpa, logp_a, ent_a = dense_stats(za, targets)
     lpb, _, ent_b = dense_stats(zb, targets)

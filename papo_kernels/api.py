@@ -1,4 +1,4 @@
-"""Public API: the four calls of DESIGN.md's contract, input validation and backend dispatch.
+"""Public API: the four calls of docs/design.md's contract, input validation and backend dispatch.
 
     token_stats(hidden, weight, targets)                      -> TokenStats(logp, entropy)
     two_view_stats(hidden_a, hidden_b, weight, targets)       -> TwoViewStats(logp_a, logp_b,
@@ -156,7 +156,7 @@ _COMMON_ARGS = """
         backend: "auto" (fastest available for the tensors' device), "torch" (chunked
             PyTorch, any device and dtype), "triton", "cpp"; an explicit backend that is not
             built or cannot run raises BackendUnavailableError.
-        strategy: "auto" | "workspace" | "fused" (DESIGN.md "Execution strategies") for
+        strategy: "auto" | "workspace" | "fused" (docs/design.md "Execution strategies") for
             backends that have several; the torch backend has one and ignores it.
         check_inputs: raise ValueError naming `targets` for ids outside [0, V) other than
             ignore_index (default: True for CPU tensors, where it costs nothing). When False

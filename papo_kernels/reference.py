@@ -1,6 +1,6 @@
 """Chunked pure-PyTorch backend: the oracle every faster backend is tested against.
 
-Math (DESIGN.md "Kernel math"), per row and view, with z = h W^T / T over the vocabulary:
+Math (docs/design.md "Kernel math"), per row and view, with z = h W^T / T over the vocabulary:
 
     phase 1 (statistics), streaming vocabulary tiles with a running max m:
         S  = sum e^(z - m)                      U' = sum e^(z - m) (z - m)   (shifted: 1e-6 accurate entropy)

@@ -3,7 +3,7 @@
 import os
 
 # Must happen before anything imports triton: without an NVIDIA device, Triton kernels can only
-# run under the interpreter (MACHINE_NOTES.md "Triton on CPU").
+# run under the interpreter (docs/design.md "Backends and dispatch").
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -88,7 +88,7 @@ def trainer(out: Path, *extra: str, engine: str = "echo"):
 
 
 def official_grid(width: int, height: int, *, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """The official pipeline's patch grid, written from PAPO_SPEC: EasyR1's `process_image` bounds
+    """The official pipeline's patch grid (docs/algorithm.md): EasyR1's `process_image` bounds
     the raw image (integer truncation), then the Qwen processor's defaults `smart_resize` it."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 

@@ -346,7 +346,7 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Validation during training (avg@k, PAPO_SPEC section 4)."""
+    """Validation during training (avg@k, docs/algorithm.md "Evaluation")."""
 
     every: int = 5
     """Evaluate every N rollout steps (official 5); 0 disables periodic evaluation."""

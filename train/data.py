@@ -1,6 +1,6 @@
 """Data: the ViRL39K-format loader, the PAPO prompt template and the synthetic visual task.
 
-ViRL39K format (PAPO_SPEC section 5): one row per question with `problem`
+ViRL39K format (docs/algorithm.md): one row per question with `problem`
 (str, carrying one `<image>` placeholder per image), `answer` (str) and
 `images` (a list of images stored as `{"bytes", "path"}` dicts, PIL images,
 raw bytes or file paths). `load_records` reads it from local parquet / arrow /
@@ -42,7 +42,7 @@ from papo.images import load_image, to_rgb
 
 log = logging.getLogger(__name__)
 
-# The instruction of the official `math_perception.jinja` (PAPO_SPEC section 3),
+# The instruction of the official `math_perception.jinja` (docs/algorithm.md),
 # appended after the trimmed problem and a blank line.
 PROMPT_INSTRUCTION = (
     "You first think through the reasoning process as an internal monologue, enclosed within "
@@ -143,8 +143,8 @@ def process_image(img: Image.Image, *, min_pixels: int, max_pixels: int) -> Imag
 
     The bounds apply to the raw image, before the Qwen processor (which then runs with its
     own defaults, `processor_grid`), as the official pipeline does. Applied after masking
-    (PAPO_SPEC section 2 masks the raw image), to the original and the masked copy alike, so
-    both get the same grid.
+    (the official masking works on the raw image), to the original and the masked copy alike,
+    so both get the same grid.
     """
     w, h = resized_size(img.width, img.height, min_pixels=min_pixels, max_pixels=max_pixels)
     if (w, h) != img.size:
@@ -326,8 +326,8 @@ class VisionRLDataset:
         records: rows from `load_records`.
         processor: a Qwen2.5-VL processor (its tokenizer and chat template are used).
         prompt_key, answer_key, image_key: field names (ViRL39K: problem/answer/images).
-        min_pixels, max_pixels: bounds on the raw image's pixel count (`process_image`,
-            PAPO_SPEC section 3); the processor's own limits apply after them.
+        min_pixels, max_pixels: bounds on the raw image's pixel count (`process_image`;
+            official 200,704 and 1,003,520); the processor's own limits apply after them.
         max_prompt_length: prompts longer than this many tokens, image tokens
             included, are dropped and counted.
         base_dir: directory that relative image paths resolve against.

@@ -1,6 +1,6 @@
 """Triton backend (`backend="triton"`): `forward_stats` / `backward_grads` with reference.py's signatures.
 
-Two execution strategies (DESIGN.md "Execution strategies"), chosen by `strategy`:
+Two execution strategies (docs/design.md "Execution strategies"), chosen by `strategy`:
 
 - "workspace" (what "auto" picks): per chunk of C rows, one cuBLAS GEMM of the stacked views
   into a bounded fp32 logit workspace, Triton epilogues for the statistics and dZ, cuBLAS GEMMs
