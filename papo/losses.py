@@ -6,8 +6,11 @@ Per completion token t of response i the loss to minimize is (docs/algorithm.md)
 
 and every aggregation is a weighted sum  loss = sum_t w_t l_t  with weights fixed up front
 (`_token_weights`), which is what lets `PAPOLoss` hand the whole loss to the fused kernels as a
-per-chunk `loss_fn` without [tokens x vocab] logits. Both entry points share `_token_terms`,
-so PAPOLoss equals papo_loss applied to the dense statistics of the same logits.
+per-chunk `loss_fn` without [tokens x vocab] logits. The entropy terms are token means whatever
+`loss_agg` says (the official code averages them with `masked_mean` however the policy loss is
+averaged), so they carry token-mean weights u_t:  loss = sum_t w_t l_t + sum_t u_t e_t. Both
+entry points share `_token_terms`, so PAPOLoss equals papo_loss applied to the dense statistics
+of the same logits.
 """
 
 from __future__ import annotations
@@ -87,14 +90,16 @@ def _token_weights(
     num_valid_tokens: Any,
     num_valid_sequences: Any,
     num_micro_batches: Any,
+    agg: str | None = None,
 ) -> Tensor:
     """Per-token weights w with loss = sum_t w_t l_t, float64, shape like seq_index.
 
     seq_index [n]: the sequence of each completion token; lengths [B]: completion tokens per
     sequence. Sequences without completion tokens are not counted (padding rows of a packed
-    micro-batch must not dilute a sequence mean).
+    micro-batch must not dilute a sequence mean). `agg` overrides config.loss_agg (the entropy
+    terms always use "token-mean").
     """
-    agg, scale = config.loss_agg, config.loss_scale
+    agg, scale = agg or config.loss_agg, config.loss_scale
     token_level = agg == "token-mean"
     if scale == "microbatch":
         if num_micro_batches is None:
@@ -109,6 +114,7 @@ def _token_weights(
         if num_valid_tokens is None:
             raise ValueError(
                 "num_valid_tokens is required with loss_scale='global' and loss_agg='token-mean' "
+                "or entropy terms (eta > 0), which are token means whatever loss_agg is "
                 "(the all-reduced completion-token count of the optimizer step)"
             )
         _check_count("num_valid_tokens", num_valid_tokens)
@@ -160,9 +166,12 @@ def _token_terms(
     entropy: Tensor | None = None,
     masked_entropy: Tensor | None = None,
     kl_exact: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token loss [n] and per-token (detached) metric values on compacted 1-D tensors.
+) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """Per-token losses [n] and per-token (detached) metric values on compacted 1-D tensors.
 
+    Returns (loss, entropy_loss, metrics): `loss` holds the terms aggregated per
+    config.loss_agg, `entropy_loss` the eta-weighted entropy terms, which are always token
+    means: None when both etas are 0 or when loss_agg is "token-mean" (they are in `loss`).
     kl_exact is the full-vocabulary KL_prcp: the loss term in the exact estimator (direction
     chosen by the caller), a monitor in the sampled one.
     """
@@ -205,10 +214,18 @@ def _token_terms(
             )
     if coefs.gamma != 0:  # skip zero-weight terms: 0 * inf would poison the loss with NaN
         loss = loss - coefs.gamma * kl_prcp
+    # the entropy terms are token means: with loss_agg "token-mean" they share the other terms'
+    # weights (and join `loss` in the official order); otherwise they get their own weights
+    separate = config.loss_agg != "token-mean"
+    entropy_loss = torch.zeros_like(loss) if separate else loss
     if coefs.eta_full != 0:
-        loss = loss + coefs.eta_full * h_full
+        entropy_loss = entropy_loss + coefs.eta_full * h_full
     if coefs.eta_masked != 0:
-        loss = loss + coefs.eta_masked * h_masked
+        entropy_loss = entropy_loss + coefs.eta_masked * h_masked
+    if separate:
+        entropy_loss = entropy_loss if coefs.eta_full != 0 or coefs.eta_masked != 0 else None
+    else:
+        loss, entropy_loss = entropy_loss, None
     if ref_logp is not None:
         ref_kl = kl_estimate(logp, ref_logp, config.ref_kl_estimator)
         if config.beta != 0:
@@ -223,7 +240,16 @@ def _token_terms(
         metrics["entropy/full"] = h_full.detach()
     if h_masked is not None:
         metrics["entropy/masked"] = h_masked.detach()
-    return loss, metrics
+    return loss, entropy_loss, metrics
+
+
+def _weighted_sum(loss: Tensor, weights: Tensor, entropy_loss: Tensor | None,
+                  entropy_weights: Tensor | None) -> Tensor:
+    """sum_t w_t l_t (+ sum_t u_t e_t when the entropy terms carry their own weights)."""
+    total = (weights * loss).sum()
+    if entropy_loss is not None:
+        total = total + (entropy_weights * entropy_loss).sum()
+    return total
 
 
 def _check_config(config: Any) -> PAPOConfig:
@@ -388,16 +414,18 @@ def papo_loss(
     frozen_masked = config.masked_view != "live"
 
     seq_index = rows // shape[1]
-    weights = _token_weights(
-        config, seq_index, m.sum(-1), num_valid_tokens=num_valid_tokens,
-        num_valid_sequences=num_valid_sequences, num_micro_batches=num_micro_batches,
-    ).to(dtype)
-    token_loss, metric_values = _token_terms(
+    counts = dict(num_valid_tokens=num_valid_tokens, num_valid_sequences=num_valid_sequences,
+                  num_micro_batches=num_micro_batches)
+    weights = _token_weights(config, seq_index, m.sum(-1), **counts).to(dtype)
+    token_loss, entropy_loss, metric_values = _token_terms(
         config, coefs, logp=pick(logp), old_logp=pick(old_logp), advantages=pick(adv),
         masked_logp=pick(masked_logp, frozen_masked), ref_logp=pick(ref_logp), entropy=pick(entropy),
         masked_entropy=pick(masked_entropy, frozen_masked), kl_exact=pick(kl_prcp),
     )
-    loss = (weights * token_loss).sum()
+    entropy_weights = None
+    if entropy_loss is not None:
+        entropy_weights = _token_weights(config, seq_index, m.sum(-1), agg="token-mean", **counts).to(dtype)
+    loss = _weighted_sum(token_loss, weights, entropy_loss, entropy_weights)
     count = float(max(int(seq_index.numel()), 1))
     metrics = {k: v.sum() / count for k, v in metric_values.items()}
     metrics["tokens/count"] = metrics["tokens/count"] * count
@@ -543,10 +571,13 @@ class PAPOLoss(nn.Module):
         h_b = masked_hidden.reshape(B * T, H).index_select(0, rows) if masked_hidden is not None else None
         targets = completion_ids.reshape(-1).index_select(0, rows).long()
         seq_index = rows // T
-        weights = _token_weights(
-            config, seq_index, m.sum(-1), num_valid_tokens=num_valid_tokens,
-            num_valid_sequences=num_valid_sequences, num_micro_batches=num_micro_batches,
-        )
+        counts = dict(num_valid_tokens=num_valid_tokens, num_valid_sequences=num_valid_sequences,
+                      num_micro_batches=num_micro_batches)
+        weights = _token_weights(config, seq_index, m.sum(-1), **counts)
+        # the entropy terms are token means whatever loss_agg is (see the module docstring)
+        entropy_weights = None
+        if config.loss_agg != "token-mean" and (coefs.eta_full != 0 or coefs.eta_masked != 0):
+            entropy_weights = _token_weights(config, seq_index, m.sum(-1), agg="token-mean", **counts)
 
         def gather(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.reshape(-1).index_select(0, rows).detach()
@@ -566,17 +597,17 @@ class PAPOLoss(nn.Module):
                 kl = stats.kl_ba if direction == "masked_to_full" else stats.kl_ab
                 # the sampled k3 estimates KL(pi_theta || pi_masked): monitor that one there
                 kl_monitor = kl if estimator == "exact" else stats.kl_ab
-                token_loss, values = _token_terms(
+                token_loss, entropy_loss, values = _token_terms(
                     config, coefs, logp=stats.logp_a, old_logp=at(old_rows), advantages=at(adv_rows),
                     masked_logp=stats.logp_b, ref_logp=at(ref_rows), entropy=stats.entropy_a,
                     masked_entropy=stats.entropy_b, kl_exact=kl_monitor,
                 )
             else:
-                token_loss, values = _token_terms(
+                token_loss, entropy_loss, values = _token_terms(
                     config, coefs, logp=stats.logp, old_logp=at(old_rows), advantages=at(adv_rows),
                     masked_logp=at(mlogp_rows), ref_logp=at(ref_rows), entropy=stats.entropy,
                 )
-            loss = (at(weights) * token_loss).sum()
+            loss = _weighted_sum(token_loss, at(weights), entropy_loss, at(entropy_weights))
             return loss, {k: v.sum() for k, v in values.items()}
 
         common = dict(temperature=config.temperature, backend=self.backend, strategy=self.strategy,

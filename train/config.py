@@ -104,6 +104,11 @@ class ModelConfig:
     float32 runs. Rollouts sample from the model's own head."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Optional LoRA adapters (`lora.rank` > 0)."""
+    ref_offload: bool = False
+    """Presets with a reference KL (papo.beta > 0): keep the reference policy's parameters in
+    CPU memory (DeepSpeed ZeRO-3 parameter offload, whatever trainer.zero_stage is) and fetch
+    them layer by layer for its forward. Off: the reference sits on the device, in the
+    policy's dtype, sharded over the ranks under ZeRO-3 and replicated under ZeRO 0-2."""
 
     def __post_init__(self) -> None:
         if isinstance(self.tiny, dict):  # YAML gives a mapping; keep the spec's own validation

@@ -7,7 +7,8 @@
  3. roll out `rollout.n` responses per prompt (`RolloutEngine`);
  4. rewards (`papo.rewards.compute_score`: 0.9 accuracy + 0.1 format);
  5. group advantages (`papo.advantages`), with the DAPO online filter and its
-    regenerate-until-full loop when `papo.online_filter` is set;
+    regenerate-until-full loop when `papo.online_filter` is set (decided on counts over
+    all ranks, the kept groups then spread evenly over the ranks);
  6. one no-grad pass per view with the rollout weights: old log-probs and the
     masked log-probs from `papo_kernels.two_view_stats` (which also yields the
     exact perception KL and both full-vocabulary entropies as monitors), and
@@ -33,7 +34,6 @@ set, and `<out_dir>/plots/` holds the curves of `python -m train.plot`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -239,13 +239,15 @@ class PolicyWithLoss(nn.Module):
         # model.fp32_lm_head: the fp32 master copy of the head weight, refreshed by the trainer
         # after each optimizer step (a plain attribute, so DeepSpeed never casts it to bf16)
         self.head_fp32: torch.Tensor | None = None
+        # a frozen module without fp32 master (the reference) upcasts its working weight instead
+        self.upcast_head = False
 
     def head_weight(self, mod: nn.Module) -> torch.Tensor:
         """The weight the kernels multiply: lm_head's own, or (fp32 head) the fp32 master,
         whose gradient is routed to the working weight so that dW still reaches the optimizer."""
         w = mod.weight
         if self.head_fp32 is None:
-            return w
+            return w.float() if self.upcast_head else w
         if not (torch.is_grad_enabled() and w.requires_grad):
             return self.head_fp32
         return _MasterWithGradToWorking.apply(w, self.head_fp32)
@@ -464,9 +466,9 @@ class Trainer:
         policy, self.processor = load_policy(model_dir, dtype=torch.float32,
                                              attn_implementation=cfg.model.attn_implementation)
         self.tokenizer = self.processor.tokenizer
-        self.ref_model = None
-        if self.papo.beta > 0:
-            self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
+        if cfg.trainer.rollout_batch_size < self.world:
+            raise ConfigError(f"trainer.rollout_batch_size ({cfg.trainer.rollout_batch_size}) must be at "
+                              f"least the number of ranks ({self.world}): every rank needs prompts")
 
         d = cfg.data
         ds_kwargs = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
@@ -506,6 +508,11 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config(dtype))
         self.zero3 = t.zero_stage == 3
+        # the reference policy (beta > 0) is the policy PAPO starts from: the warm-started one, if any
+        self.ref_model, self.ref_sharded = None, False
+        if self.papo.beta > 0:
+            ref_dir = self.out / "sft_model" if cfg.sft.steps > 0 else model_dir
+            self.ref_model, self.ref_sharded = self._build_reference(ref_dir, dtype)
 
         gather = self._gather_all if self.zero3 else None
         if rollout_engine is None and cfg.rollout.engine == "vllm":
@@ -554,9 +561,39 @@ class Trainer:
             run_sft(policy, self.processor, self.train_ds, self.cfg, out_dir=sft_dir)
         barrier()
         policy, _ = load_policy(sft_dir, dtype=torch.float32, attn_implementation=self.cfg.model.attn_implementation)
-        if self.ref_model is not None:  # the reference is the warm-started policy
-            self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
         return policy
+
+    def _build_reference(self, path: Path, dtype: torch.dtype) -> tuple[Any, bool]:
+        """The frozen reference policy, held like the policy; returns (module, sharded).
+
+        It is loaded in the policy's dtype (bf16 in bf16 runs: never an fp32 copy) and, under
+        ZeRO-3, sharded over the ranks by a DeepSpeed engine without optimizer, so each rank
+        holds 1/world of it; ZeRO 0-2 replicate the policy's weights, and the reference too.
+        `model.ref_offload` keeps its shards in CPU memory (ZeRO-3 parameter offload, whatever
+        the policy's stage); each forward then fetches them layer by layer.
+        """
+        import deepspeed
+
+        m = self.cfg.model
+        ref, _ = load_policy(path, dtype=dtype, attn_implementation=m.attn_implementation)
+        ref.eval().requires_grad_(False)
+        ref.config.use_cache = False
+        module = PolicyWithLoss(ref, None).eval()
+        # model.fp32_lm_head: the reference's head multiplies in fp32 as the policy's does
+        module.upcast_head = m.fp32_lm_head and dtype == torch.bfloat16
+        if not (self.zero3 or m.ref_offload):
+            return module.to(self.device), False
+        ds = self._ds_config(dtype)
+        for key in ("optimizer", "scheduler"):  # a template's training sections do not apply
+            ds.pop(key, None)
+        zero = {k: v for k, v in ds["zero_optimization"].items() if not k.startswith("offload_optimizer")}
+        zero["stage"] = 3
+        if m.ref_offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        ds["zero_optimization"] = zero
+        engine, *_ = deepspeed.initialize(model=module, config=ds)
+        engine.eval()
+        return engine, True
 
     def _configure_policy(self, policy, *, adapters: bool) -> None:
         """What to train and how: a frozen vision tower, gradient checkpointing and, with
@@ -660,39 +697,105 @@ class Trainer:
 
     def _collect(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         """Roll out this rank's prompts; with the online filter, regenerate until full."""
-        from papo.advantages import online_filter
-
         t = self.cfg.trainer
-        local = len(range(self.rank, t.rollout_batch_size, self.world))
-        stats: dict[str, float] = {}
         if self.papo.online_filter is None:
             idx = self.stream.take(t.rollout_batch_size)[self.rank::self.world]
-            return self._rollout_round(idx, step, 0), stats
+            return self._rollout_round(idx, step, 0), {}
+        return self._collect_filtered(step)
+
+    def _collect_filtered(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        """DAPO dynamic sampling, as the official `_make_batch_data` does it.
+
+        Each try draws `rollout_batch_size` prompts (every rank rolls out its share) and keeps
+        the groups whose mean accuracy lies strictly inside `papo.online_filter`; a try whose
+        filter keeps no group at all is kept whole. Tries go on until `rollout_batch_size`
+        groups are kept, over all ranks, and fail after `trainer.online_filter_max_tries`.
+        Every decision that leads to a collective (the rollout gathers ZeRO-3 weights, the
+        update equalizes passes) is taken on all-reduced counts, so all ranks retry together.
+        The first `rollout_batch_size` kept groups, in draw order, are then spread evenly over
+        the ranks: a rank with surplus groups sends their responses and rewards (not their
+        pixels: the receiver re-encodes the prompt, masks included, from its seed).
+        """
+        from papo.advantages import online_filter
+
+        t, n = self.cfg.trainer, self.cfg.rollout.n
         low, high = self.papo.online_filter
-        kept: list[Sample] = []
-        seen = tries = 0
-        all_acc = []
-        while tries < t.online_filter_max_tries:
-            idx = self.stream.take(t.rollout_batch_size)[self.rank::self.world]
-            round_samples = self._rollout_round(idx, step, tries)
+        target = t.rollout_batch_size
+        # (try, position in the try's draw) -> (dataset index, the group's samples)
+        kept: dict[tuple[int, int], tuple[int, list[Sample]]] = {}
+        acc_sum = acc_count = 0.0
+        tries = total_kept = 0
+        while total_kept < target:
+            if tries == t.online_filter_max_tries:
+                raise RuntimeError(
+                    f"papo.online_filter {self.papo.online_filter}: only {total_kept} of {target} prompt "
+                    f"groups passed the filter in trainer.online_filter_max_tries="
+                    f"{t.online_filter_max_tries} tries (the official trainer stops too); check the data, "
+                    "or raise the limit")
+            draw = self.stream.take(target)
+            positions = list(range(self.rank, target, self.world))
+            samples = self._rollout_round([draw[p] for p in positions], step, tries)
+            groups = [samples[i * n:(i + 1) * n] for i in range(len(positions))]
+            acc = torch.tensor([s.accuracy for s in samples], dtype=torch.float64)
+            keep = online_filter(acc, [i // n for i in range(len(samples))], low=low, high=high)
+            passing = [i for i in range(len(groups)) if bool(keep[i * n])]
+            counts = all_reduce_(torch.tensor([len(passing), float(acc.sum()), float(acc.numel())],
+                                              dtype=torch.float64))
+            acc_sum, acc_count = acc_sum + counts[1].item(), acc_count + counts[2].item()
+            if counts[0].item() == 0:  # official: a try whose filter keeps nothing is kept whole
+                passing = list(range(len(groups)))
+                counts[0] = target
+            for i in passing:
+                kept[(tries, positions[i])] = (draw[positions[i]], groups[i])
+            total_kept += int(counts[0].item())
             tries += 1
-            acc = torch.tensor([s.accuracy for s in round_samples])
-            all_acc.append(acc)
-            keep = online_filter(acc, [s.uid for s in round_samples], low=low, high=high)
-            kept += [s for s, k in zip(round_samples, keep.tolist()) if k]
-            seen += len(idx)
-            if len({s.uid for s in kept}) >= local:
-                break
-        uids = []
-        for s in kept:
-            if s.uid not in uids:
-                uids.append(s.uid)
-        uids = set(uids[:local])
-        kept = [s for s in kept if s.uid in uids]
-        stats = {"filter/tries": float(tries), "filter/kept_groups": float(len(uids)),
-                 "filter/prompts_seen": float(seen),
-                 "filter/raw_accuracy": float(torch.cat(all_acc).mean()) if all_acc else 0.0}
-        return kept, stats
+        samples = self._spread_groups(kept, target, step)
+        stats = {"filter/tries": float(tries), "filter/kept_groups": float(total_kept),
+                 "filter/prompts_seen": float(tries * target),
+                 "filter/raw_accuracy": acc_sum / max(acc_count, 1.0)}
+        return samples, stats
+
+    def _spread_groups(self, kept: dict[tuple[int, int], tuple[int, list[Sample]]], target: int,
+                       step: int) -> list[Sample]:
+        """The first `target` kept groups of all ranks (by draw order), `target / world` per rank.
+
+        A rank keeps its own groups up to its share; the others move to ranks short of theirs,
+        as (dataset index, responses, rewards), and are re-encoded there.
+        """
+        if self.world == 1:
+            chosen = sorted(kept)[:target]
+            return [s for key in chosen for s in kept[key][1]]
+        keys: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(keys, sorted(kept))
+        chosen = sorted((key, r) for r, rank_keys in enumerate(keys) for key in rank_keys)[:target]
+        share = [len(range(r, target, self.world)) for r in range(self.world)]
+        own: list[list[tuple[int, int]]] = [[] for _ in range(self.world)]
+        surplus: list[tuple[int, int]] = []
+        for key, r in chosen:
+            (own[r] if len(own[r]) < share[r] else surplus).append(key)
+        moves: dict[tuple[int, int], int] = {}  # key -> receiving rank
+        for r in range(self.world):
+            while len(own[r]) < share[r]:
+                key = surplus.pop(0)
+                own[r].append(key)
+                moves[key] = r
+        outgoing = [(key, moves[key], kept[key][0],
+                     [(s.response_ids.tolist(), s.finished, s.text, s.reward, s.accuracy, s.format)
+                      for s in kept[key][1]])
+                    for key in sorted(kept) if key in moves]
+        parcels: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(parcels, outgoing)
+        mine = {key: kept[key] for key in own[self.rank] if key in kept}  # keys name their rank
+        for parcel in parcels:
+            for key, dest, idx, responses in parcel:
+                if dest != self.rank:
+                    continue
+                item, enc = self._encode(idx, step)
+                mine[key] = (idx, [Sample(uid=item["uid"], prompt=enc, answer=item["answer"],
+                                          response_ids=torch.tensor(ids, dtype=torch.long), finished=done,
+                                          text=text, reward=reward, accuracy=accuracy, format=fmt)
+                                   for ids, done, text, reward, accuracy, fmt in responses])
+        return [s for key in sorted(mine) for s in mine[key][1]]
 
     def _advantages(self, samples: list[Sample]) -> None:
         from papo.advantages import dr_grpo_advantages, grpo_advantages
@@ -718,20 +821,30 @@ class Trainer:
 
     @torch.no_grad()
     def _logprob_pass(self, samples: list[Sample]) -> None:
-        """Old and masked log-probs (+ exact monitors) and reference log-probs, no grad."""
+        """Old and masked log-probs (+ exact monitors) and reference log-probs, no grad.
+
+        The masked pass runs when any sample of the rollout batch, on any rank, has an image
+        (the number of forwards must match across ranks under ZeRO-3); a text-only sample's
+        masked view is its original one, so without any image the masked log-probs are the
+        old ones.
+        """
         t = self.cfg.trainer
-        two_view = samples[0].prompt.masked_pixel_values is not None if samples else False
+        has_image = any(s.prompt.masked_pixel_values is not None for s in samples)
+        two_view = bool(all_reduce_(torch.tensor([int(has_image)]), "max").item())
         plan = plan_micro_batches([len(s) for s in samples], max_seqs=t.log_prob_micro_batch_size,
                                   max_tokens=t.micro_batch_tokens)
-        plan = self._equalize(plan) if self.zero3 else plan
+        plan = self._equalize(plan) if self.zero3 or self.ref_sharded else plan
         self._refresh_fp32_head()
         self.engine.eval()
         for group in plan:
-            members = [samples[i] for i in (group if group is not None else plan[0] or [])]
-            if not members:  # this rank has no samples but must join the collective forward
-                continue
+            # a padding pass (None) reruns this rank's first micro-batch and is discarded
+            members = [samples[i] for i in (group if group is not None else plan[0])]
             batch = pack(self.module.policy.model, [s.seq() for s in members]).to(self.device)
             stats = self.engine(batch, mode="stats", temperature=self.papo.temperature, two_view=two_view)
+            ref_stats = None
+            if self.ref_model is not None:
+                ref_stats = self.ref_model(batch, mode="stats", temperature=self.papo.temperature,
+                                           two_view=False)
             if group is None:
                 continue
             lengths = batch.response_mask.sum(-1).long().tolist()
@@ -743,23 +856,11 @@ class Trainer:
                                   "entropy_full": ha.mean().item(), "entropy_masked": hb.mean().item()}
                 else:
                     lp, h = (x[b, :R].float().cpu() for x in stats)
-                    s.old_logp = lp
+                    s.old_logp, s.masked_logp = lp, lp
                     s.monitors = {"entropy_full": h.mean().item()}
-            if self.ref_model is not None:
-                self._ref_logp(members, batch)
+                if ref_stats is not None:
+                    s.ref_logp = ref_stats[0][b, :R].float().cpu()
         self.engine.train()
-
-    def _ref_logp(self, members: list[Sample], batch: PackedBatch) -> None:
-        from papo_kernels import token_stats
-
-        out = self.ref_model.model(**batch.model_inputs())
-        h = gather_response_hidden(out.last_hidden_state, batch)
-        targets = batch.response_ids.masked_fill(batch.response_mask == 0, -100)
-        w = self.ref_model.lm_head.weight
-        st = token_stats(h.to(w.dtype), w, targets, temperature=self.papo.temperature)
-        for b, s in enumerate(members):
-            R = int(s.response_ids.numel())
-            s.ref_logp = st.logp[b, :R].float().cpu()
 
     # ------------------------------------------------------------------ update phase
 
@@ -839,14 +940,19 @@ class Trainer:
                     for k, v in m.items():
                         if k != "tokens/count":
                             sums[k] = sums.get(k, 0.0) + v * w
+            # official: skip the update when the gradient norm is not finite. Where the gradients
+            # are whole on each rank (ZeRO 0/1) the norm is checked here; ZeRO 2/3 (and DeepSpeed's
+            # bf16 optimizers) check the norm of their partitioned gradients inside step() and
+            # skip it themselves, counted in the engine's skipped_steps.
             norm = self._grad_norm_precheck()
+            engine_skipped = getattr(self.engine, "skipped_steps", 0)
             if norm is not None and not math.isfinite(norm):
-                # official: skip the update when the gradient norm is not finite
                 self.engine.zero_grad()
                 skipped += 1
                 self.engine.step()  # still closes the accumulation window (grads are None -> no-op)
             else:
                 self.engine.step()
+                skipped += int(getattr(self.engine, "skipped_steps", 0) > engine_skipped)
             self._optimizer_steps += 1
             # the pre-clip norm (what the official code logs); DeepSpeed's own where grads are partitioned
             gn = norm if norm is not None else self.engine.get_global_grad_norm()
