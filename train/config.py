@@ -333,6 +333,9 @@ class CheckpointConfig:
     """Continue from the newest complete checkpoint in `<out_dir>/checkpoints` if any."""
     export_hf: bool = True
     """Write the final weights in HF format to `<out_dir>/hf_model` (ZeRO-3 shards consolidated)."""
+    allow_changed_keys: list[str] = field(default_factory=list)
+    """Settings (dotted keys of train.trainer.RESUME_INVARIANT_KEYS, e.g. "optim.lr") allowed to differ
+    from the checkpoint's when resuming; without them a resume under other values is refused."""
 
     def __post_init__(self) -> None:
         _require(self.save_every >= 0, "checkpoint.save_every", "must be >= 0")
