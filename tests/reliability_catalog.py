@@ -923,8 +923,10 @@ def render(messages: dict[str, str], grader: dict[str, Any] | None) -> str:
               "(`tests/test_reliability_grader.py`).", ""]
     if grader is not None:
         lines += ["| kind | answers | example |", "|---|---|---|"]
+        from benchmarks.attack_grader import display_example
+
         for kind, row in grader["kinds"].items():
-            lines.append(f"| {_cell(kind)} | {row['answers']:,} | `{_cell(row['example'])}` |")
+            lines.append(f"| {_cell(kind)} | {row['answers']:,} | `{display_example(row['example'])}` |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
