@@ -47,7 +47,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -1232,10 +1232,8 @@ def resume_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The values under `RESUME_INVARIANT_KEYS` in `cfg` as {dotted leaf key: plain JSON value}, stored
     with each checkpoint (the papo section as the resolved PAPOConfig, so a preset and its spelled-out
     values compare equal)."""
-    import dataclasses
-
     tree = cfg.to_dict()
-    tree["papo"] = dataclasses.asdict(cfg.papo_config())
+    tree["papo"] = asdict(cfg.papo_config())
     out: dict[str, Any] = {}
 
     def flatten(key: str, value: Any) -> None:
