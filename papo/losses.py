@@ -15,6 +15,7 @@ of the same logits.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -67,8 +68,9 @@ def _resolve_coefficients(config: PAPOConfig, coefficients: Any) -> Coefficients
             f" a (gamma, eta_full, eta_masked) tuple or a mapping, got {type(coefficients).__name__}"
         )
     for name, v in zip(values._fields, values):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0:
-            raise ValueError(f"coefficients.{name} must be a real number >= 0, got {v!r}")
+        # inf is refused too: inf * 0 on a term's zero tokens would make the whole loss NaN
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"coefficients.{name} must be a finite real number >= 0, got {v!r}")
     return values
 
 
@@ -77,9 +79,11 @@ def _check_count(name: str, value: Any) -> None:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         return  # may live on an accelerator after an all-reduce: not synced to check its sign
-    # 0 is allowed: a step without completion tokens gives loss 0 (the divisor is clamped to 1)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0 (or a scalar tensor), got {value!r}")
+    # 0 is allowed: a step without completion tokens gives loss 0 (the divisor is clamped to 1);
+    # inf is not: it would silently zero the loss
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number >= 0 (or a scalar tensor), got {value!r}")
 
 
 def _token_weights(
@@ -258,11 +262,17 @@ def _check_config(config: Any) -> PAPOConfig:
     return config
 
 
-def _check_mask(mask: Any, shape: torch.Size, name: str) -> Tensor:
+def _check_device(t: Tensor, name: str, device: torch.device, ref_name: str) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {device}: they must match")
+
+
+def _check_mask(mask: Any, shape: torch.Size, name: str, device: torch.device, ref_name: str) -> Tensor:
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    _check_device(mask, name, device, ref_name)
     if mask.dtype != torch.bool:
         if mask.dtype.is_complex:
             raise TypeError(f"{name} must be a bool or 0/1 numeric tensor, got {mask.dtype}")
@@ -272,7 +282,8 @@ def _check_mask(mask: Any, shape: torch.Size, name: str) -> Tensor:
     return mask
 
 
-def _check_token_tensor(t: Any, name: str, shape: torch.Size, ref_name: str) -> None:
+def _check_token_tensor(t: Any, name: str, shape: torch.Size, ref_name: str, device: torch.device,
+                        device_name: str) -> None:
     if t is None:
         return
     if not isinstance(t, Tensor):
@@ -281,14 +292,17 @@ def _check_token_tensor(t: Any, name: str, shape: torch.Size, ref_name: str) -> 
         raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     if t.shape != shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(shape)}, got {tuple(t.shape)}")
+    _check_device(t, name, device, device_name)
 
 
-def _check_advantages(advantages: Any, shape: torch.Size, ref_name: str) -> Tensor:
+def _check_advantages(advantages: Any, shape: torch.Size, ref_name: str, device: torch.device,
+                      device_name: str) -> Tensor:
     """Return advantages as [B, T] (a [B] tensor is broadcast over each sequence's tokens)."""
     if not isinstance(advantages, Tensor):
         raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     if not advantages.dtype.is_floating_point:
         raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
+    _check_device(advantages, "advantages", device, device_name)
     if advantages.shape == shape[:1]:
         return advantages.unsqueeze(-1).expand(shape)
     if advantages.shape == shape:
@@ -297,6 +311,15 @@ def _check_advantages(advantages: Any, shape: torch.Size, ref_name: str) -> Tens
         f"advantages must have shape [B] = {tuple(shape[:1])} or [B, T] = {tuple(shape)} "
         f"(from {ref_name}), got {tuple(advantages.shape)}"
     )
+
+
+def _raise_nonfinite_advantages(advantages: Tensor, bad: Tensor) -> None:
+    """ValueError naming the first completion token whose advantage is NaN/Inf (`bad` [B, T])."""
+    b, t = (int(i) for i in bad.nonzero()[0])
+    where = f"advantages[{b}]" if advantages.dim() == 1 else f"advantages[{b}, {t}]"
+    value = advantages[b] if advantages.dim() == 1 else advantages[b, t]
+    raise ValueError(f"advantages must be finite on completion tokens; {where} = {float(value)} "
+                     f"(completion token [{b}, {t}]): the loss would be NaN")
 
 
 def _check_missing(config: PAPOConfig, required: dict[str, bool], given: dict[str, Any],
@@ -370,6 +393,10 @@ def papo_loss(
         LossOutput(loss, metrics): loss = sum_t w_t l_t (0-dim; float32, or float64 for float64
         logp; bfloat16/float16 inputs are upcast); an all-masked
         micro-batch gives loss 0 with zero gradients. See `LossOutput` for the metrics.
+        NaN/Inf in the model's statistics (logp, old_logp, ...) on completion tokens make the
+        loss non-finite (the trainer then skips the optimizer step and counts it, as the
+        official code does); NaN/Inf advantages there raise ValueError (they come from the
+        rewards, so they are a bug, never a numerical accident).
     """
     config = _check_config(config)
     coefs = _resolve_coefficients(config, coefficients)
@@ -380,9 +407,14 @@ def papo_loss(
     shape = logp.shape
     for name, t in (("old_logp", old_logp), ("masked_logp", masked_logp), ("entropy", entropy),
                     ("masked_entropy", masked_entropy), ("kl_prcp", kl_prcp), ("ref_logp", ref_logp)):
-        _check_token_tensor(t, name, shape, "logp")
-    adv = _check_advantages(advantages, shape, "logp")
-    m = _check_mask(mask, shape, "mask")
+        _check_token_tensor(t, name, shape, "logp", logp.device, "logp")
+    adv = _check_advantages(advantages, shape, "logp", logp.device, "logp")
+    m = _check_mask(mask, shape, "mask", logp.device, "logp")
+    # Advantages come from rewards, never from the model: a NaN there is a bug upstream, not a
+    # numerical accident the trainer's non-finite-gradient skip is meant to absorb.
+    bad_adv = m & ~torch.isfinite(adv)
+    if bool(bad_adv.any()):
+        _raise_nonfinite_advantages(advantages, bad_adv)
 
     required = _required(config)
     given = dict(masked_logp=masked_logp, entropy=entropy, masked_entropy=masked_entropy,
@@ -504,7 +536,9 @@ class PAPOLoss(nn.Module):
 
         Returns:
             LossOutput(loss, metrics) equal to `papo_loss` on the same statistics computed
-            from dense logits hidden @ W.T / temperature.
+            from dense logits hidden @ W.T / temperature. Non-finite hidden states on completion
+            tokens give a non-finite loss (see `papo_loss`); completion_ids outside [0, V) or
+            non-finite advantages on completion tokens raise ValueError.
         """
         from papo_kernels import fused_token_loss, fused_two_view_loss
 
@@ -523,18 +557,44 @@ class PAPOLoss(nn.Module):
         if completion_ids.shape != shape:
             raise ValueError(f"completion_ids must have shape {tuple(shape)} (hidden.shape[:2]), "
                              f"got {tuple(completion_ids.shape)}")
-        if completion_ids.dtype.is_floating_point or completion_ids.dtype == torch.bool:
+        if completion_ids.dtype.is_floating_point or completion_ids.dtype.is_complex \
+                or completion_ids.dtype == torch.bool:
             raise TypeError(f"completion_ids must be an integer tensor, got {completion_ids.dtype}")
-        m = _check_mask(completion_mask, shape, "completion_mask")
-        adv = _check_advantages(advantages, shape, "hidden.shape[:2]")
+        if completion_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"completion_ids must be int64 or int32 token ids, got {completion_ids.dtype} "
+                            "(too narrow for a vocabulary index; convert with completion_ids.long())")
+        if lm_head_weight.dtype != hidden.dtype:
+            raise TypeError(f"lm_head_weight has dtype {lm_head_weight.dtype} but hidden has dtype "
+                            f"{hidden.dtype}: they must match")
+        _check_device(lm_head_weight, "lm_head_weight", hidden.device, "hidden")
+        _check_device(completion_ids, "completion_ids", hidden.device, "hidden")
+        m = _check_mask(completion_mask, shape, "completion_mask", hidden.device, "hidden")
+        adv = _check_advantages(advantages, shape, "hidden.shape[:2]", hidden.device, "hidden")
         for name, t in (("old_logp", old_logp), ("masked_logp", masked_logp), ("ref_logp", ref_logp)):
-            _check_token_tensor(t, name, shape, "hidden.shape[:2]")
+            _check_token_tensor(t, name, shape, "hidden.shape[:2]", hidden.device, "hidden")
         if masked_hidden is not None:
             if not isinstance(masked_hidden, Tensor):
                 raise TypeError(f"masked_hidden must be a torch.Tensor, got {type(masked_hidden).__name__}")
             if masked_hidden.shape != hidden.shape:
                 raise ValueError(f"masked_hidden must have the shape of hidden {tuple(hidden.shape)}, "
                                  f"got {tuple(masked_hidden.shape)}")
+            if masked_hidden.dtype != hidden.dtype:
+                raise TypeError(f"masked_hidden has dtype {masked_hidden.dtype} but hidden has dtype "
+                                f"{hidden.dtype}: they must match")
+            _check_device(masked_hidden, "masked_hidden", hidden.device, "hidden")
+        # Token ids outside the vocabulary would give NaN rows where the kernels skip their own
+        # range check (accelerators, to avoid a sync); checked here on completion tokens only, in
+        # the same host sync as the advantages, before the compaction below syncs anyway.
+        vocab = lm_head_weight.shape[0]
+        bad_ids = m & ((completion_ids < 0) | (completion_ids >= vocab))
+        bad_adv = m & ~torch.isfinite(adv)
+        any_bad_ids, any_bad_adv = torch.stack([bad_ids.any(), bad_adv.any()]).tolist()
+        if any_bad_ids:
+            b, t = (int(i) for i in bad_ids.nonzero()[0])
+            raise ValueError(f"completion_ids must be in [0, {vocab}) (lm_head_weight has V={vocab} rows) on "
+                             f"completion tokens; completion_ids[{b}, {t}] = {int(completion_ids[b, t])}")
+        if any_bad_adv:
+            _raise_nonfinite_advantages(advantages, bad_adv)
 
         required = _required(config)
         given = dict(masked_logp=masked_logp, masked_hidden=masked_hidden, ref_logp=ref_logp)

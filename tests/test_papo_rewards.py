@@ -81,16 +81,15 @@ def test_huge_inputs(grader):
     assert time.monotonic() - start < 10.0
 
 
-def test_pathological_answer_returns_within_its_timeout():
-    # 9**9**9 makes sympy build a 370-million-digit integer: minutes of CPU in the official grader
-    with AnswerGrader(timeout=1.0) as g:
-        g.grade("1", "2")  # start the worker outside the measured call
-        start = time.monotonic()
+def test_pathological_answer_is_refused_before_sympy_builds_it():
+    # 9**9**9 makes sympy build a 370-million-digit integer: minutes of CPU in the official grader.
+    # The workers' guard refuses it unevaluated (the deadline itself, for answers that get past
+    # the guard: tests/test_reliability_faults.py, with an injected hang).
+    with AnswerGrader(timeout=20.0) as g:
         assert g.grade("9**9**9", "\\sqrt{2}") is False
-        elapsed = time.monotonic() - start
-        assert elapsed < 1.0 + 2.0, elapsed  # deadline plus killing the worker
-        assert g.num_timeouts == 1
-        assert g.grade("\\frac{1}{2}", "0.5") is True  # a fresh worker took over
+        assert g.stats.timeouts == 0 and g.stats.worker_deaths == 0
+        assert g.grade("\\frac{1}{2}", "0.5") is True  # the same worker goes on grading
+        assert g.stats.attempts == 2
 
 
 def test_code_like_answers_are_refused():

@@ -248,8 +248,46 @@ def _load_with_pandas(path: Path, split: str) -> list[dict[str, Any]]:
             f"no parquet files for split {split!r} under {path} (looked for {split}-*.parquet, "
             f"{split}.parquet, data/{split}-*.parquet)"
         )
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    frames = []
+    for f in files:
+        try:
+            frames.append(pd.read_parquet(f))
+        except Exception as e:  # pyarrow's errors name neither the role of the file nor a remedy
+            raise ValueError(f"dataset file {f} is not a readable parquet file "
+                             f"({type(e).__name__}: {e})") from e
+    frame = pd.concat(frames, ignore_index=True)
     return frame.to_dict(orient="records")
+
+
+def _load_json_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON Lines file (or a .json array), with the line of the first bad row named.
+
+    The fallback for files `datasets` cannot load: its errors point inside pyarrow, not at the
+    line to fix; rows with differing value types (which pyarrow refuses) load here as they are.
+    """
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset file {path} is not valid JSON: {e}") from None
+        numbered = list(enumerate(rows, start=1))
+        what = "element"
+    else:
+        numbered = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"dataset file {path} line {n} is not valid JSON: {e}") from None
+        what = "line"
+    for n, row in numbered:
+        if not isinstance(row, dict):
+            raise ValueError(f"dataset file {path} {what} {n} must be a JSON object (one row with "
+                             f"problem/answer/images fields), got {type(row).__name__}")
+    return [row for _, row in numbered]
 
 
 class _ImagesUndecoded:
@@ -297,8 +335,13 @@ def load_records(path: str | os.PathLike, split: str = "train") -> Sequence[dict
     try:
         return _ImagesUndecoded(_load_with_datasets(p, split))
     except Exception as e:  # noqa: BLE001 - any datasets failure takes the spec's fallback path
+        if p.is_file() and p.suffix in (".jsonl", ".json"):
+            rows = _load_json_rows(p)
+            if not rows:
+                raise ValueError(f"dataset file {p} has no rows") from None
+            return rows
         if p.is_file() and p.suffix != ".parquet":
-            raise
+            raise ValueError(f"dataset file {p} cannot be read ({type(e).__name__}: {e})") from e
         log.warning("datasets could not load %s (%s: %s); falling back to pandas", p, type(e).__name__, e)
         return _load_with_pandas(p, split)
 
@@ -374,7 +417,9 @@ class VisionRLDataset:
             return []
         if isinstance(images, (dict, str, bytes, Image.Image)):
             return [images]
-        return list(images)  # list or numpy object array (pandas path)
+        if not isinstance(images, (list, tuple, np.ndarray)):  # numpy object array: the pandas path
+            raise ValueError(f"{self.image_key!r} must be a list of images, got {type(images).__name__}")
+        return list(images)
 
     def _prompt_tokens(self, prompt: str, sizes: list[tuple[int, int]]) -> int:
         text = self.processor.apply_chat_template(build_messages(prompt), add_generation_prompt=True,
@@ -396,7 +441,12 @@ class VisionRLDataset:
                 self.stats.bad_rows += 1
                 self.stats.note(f"row {i}: {self.prompt_key!r} not a string or {self.answer_key!r} missing")
                 continue
-            images = self._images_of(row)
+            try:
+                images = self._images_of(row)
+            except ValueError as e:
+                self.stats.bad_rows += 1
+                self.stats.note(f"row {i}: {e}")
+                continue
             if problem.count(IMAGE_PLACEHOLDER) != len(images):
                 self.stats.bad_rows += 1
                 self.stats.note(f"row {i}: {problem.count(IMAGE_PLACEHOLDER)} <image> placeholders "
@@ -408,7 +458,13 @@ class VisionRLDataset:
                 self.stats.undecodable += 1
                 self.stats.note(f"row {i}: {e}")
                 continue
-            if self._prompt_tokens(format_prompt(problem), sizes) > self.max_prompt_length:
+            try:
+                n_tokens = self._prompt_tokens(format_prompt(problem), sizes)
+            except ValueError as e:  # the Qwen processor refuses some sizes (aspect ratio above 200)
+                self.stats.bad_rows += 1
+                self.stats.note(f"row {i}: image refused by the image processor: {e}")
+                continue
+            if n_tokens > self.max_prompt_length:
                 self.stats.overlong += 1
                 continue
             keep.append(i)

@@ -24,8 +24,11 @@
 
 Checkpoints (DeepSpeed state + trainer state: step, data cursor, RNG) are
 written to a temporary directory and renamed into place, so a kill during a
-write never replaces the previous good one; `train()` resumes from the newest
-complete checkpoint. Metrics go to `<out_dir>/metrics.jsonl` (and TensorBoard). At the end,
+write never replaces the previous good one; a failed write (a full disk) removes
+its partial copy and stops the run with `CheckpointError`. `train()` resumes from
+the newest complete checkpoint, and refuses one written by another number of
+ranks or under another value of a setting its contents depend on
+(`RESUME_INVARIANT_KEYS`). Metrics go to `<out_dir>/metrics.jsonl` (and TensorBoard). At the end,
 `<out_dir>/eval.md` and `eval_final.json` compare the step-0 (warm-started) and final avg@k
 on the same validation questions, with the black-image check when `eval.black_images` is
 set, and `<out_dir>/plots/` holds the curves of `python -m train.plot`.
@@ -44,7 +47,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from papo.faults import armed as faults_armed
+from papo.faults import fault_point
 from train.batching import EncodedPrompt, PackedBatch, Sequence, encode_prompt, gather_response_hidden, pack, \
     plan_micro_batches
 from train.config import ConfigError, RunConfig, save_config
@@ -62,6 +67,23 @@ log = logging.getLogger("train")
 
 CHECKPOINT_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"
+TEMP_PREFIX = ".tmp-"
+# Settings a checkpoint's contents depend on (the weights' shapes, the ZeRO layout, the data order,
+# the objective and the optimizer state): resuming under other values would quietly continue a
+# different run, so it is refused unless `checkpoint.allow_changed_keys` names the key. Everything
+# else (micro-batch sizes, evaluation, logging, the number of steps) may change between restarts.
+RESUME_INVARIANT_KEYS = (
+    "seed", "model.path", "model.tiny", "model.dtype", "model.lora", "model.freeze_vision_tower",
+    "data.train_path", "data.train_split", "data.prompt_key", "data.answer_key", "data.image_key",
+    "data.min_pixels", "data.max_pixels", "data.max_prompt_length", "data.max_response_length",
+    "data.shuffle_seed", "data.synthetic", "rollout.n", "rollout.temperature", "rollout.top_p",
+    "rollout.top_k", "papo", "optim", "trainer.rollout_batch_size", "trainer.mini_batch_size",
+    "trainer.zero_stage", "trainer.advantage", "sft",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or may not be resumed from; the message says why and what to do."""
 
 
 # --------------------------------------------------------------------------- distributed setup
@@ -944,6 +966,7 @@ class Trainer:
             # are whole on each rank (ZeRO 0/1) the norm is checked here; ZeRO 2/3 (and DeepSpeed's
             # bf16 optimizers) check the norm of their partitioned gradients inside step() and
             # skip it themselves, counted in the engine's skipped_steps.
+            fault_point("optimizer.step")
             norm = self._grad_norm_precheck()
             engine_skipped = getattr(self.engine, "skipped_steps", 0)
             if norm is not None and not math.isfinite(norm):
@@ -1081,23 +1104,39 @@ class Trainer:
         return self.out / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoint `step_<n>` atomically (temp dir + rename) and prune old ones."""
+        """Write checkpoint `step_<n>` atomically (temp dir + rename) and prune old ones.
+
+        Raises CheckpointError when a file cannot be written (e.g. ENOSPC): the partial copy is
+        removed and the previous checkpoints are untouched, so a rerun resumes from the newest.
+        """
         final = self.ckpt_root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        tmp = self.ckpt_root / f".tmp-{CHECKPOINT_PREFIX}{self.step:06d}"
+        tmp = self.ckpt_root / f"{TEMP_PREFIX}{CHECKPOINT_PREFIX}{self.step:06d}"
         if self.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
-        self.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
-        barrier()
+        if faults_armed():
+            _route_through_fault_points(self.engine.checkpoint_engine)
+        try:
+            self.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+            rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+            _write_checkpoint_file(tmp / f"rng_rank{self.rank}.pt", lambda p: torch.save(rng, p))
+            barrier()
+            if self.rank == 0:
+                state = {"step": self.step, "stream": self.stream.state(), "world_size": self.world,
+                         "total_steps": self.total_steps, "config": resume_fingerprint(self.cfg)}
+                _write_checkpoint_file(tmp / "trainer_state.json",
+                                       lambda p: p.write_text(json.dumps(state, indent=2)))
+                _write_checkpoint_file(tmp / COMPLETE_MARKER, lambda p: p.write_text("ok\n"))
+                _fsync_tree(tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # free what the partial copy took (a full disk)
+            newest = complete_checkpoints(self.ckpt_root)
+            kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else \
+                "there is no complete checkpoint yet"
+            raise CheckpointError(f"writing checkpoint {final.name} failed ({e}); its partial copy was removed "
+                                  f"and {kept}: fix the cause and rerun to resume") from e
         if self.rank == 0:
-            state = {"step": self.step, "stream": self.stream.state(), "world_size": self.world,
-                     "total_steps": self.total_steps}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            (tmp / COMPLETE_MARKER).write_text("ok\n")
-            _fsync_tree(tmp)
             if final.exists():  # re-saving the same step: move the old copy aside first
                 old = self.ckpt_root / f".old-{final.name}"
                 shutil.rmtree(old, ignore_errors=True)
@@ -1116,14 +1155,16 @@ class Trainer:
         """Load the newest complete checkpoint, if any; returns whether it resumed."""
         if not self.cfg.checkpoint.resume:
             return False
+        if self.rank == 0 and self.ckpt_root.is_dir():
+            # partial copies of killed or failed writes: never loaded, only taking space
+            for partial in self.ckpt_root.glob(f"{TEMP_PREFIX}*"):
+                shutil.rmtree(partial, ignore_errors=True)
         ckpts = complete_checkpoints(self.ckpt_root)
         if not ckpts:
             return False
         path = ckpts[-1]
-        state = json.loads((path / "trainer_state.json").read_text())
-        if state["world_size"] != self.world:
-            raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} ranks; "
-                               f"resume with the same number of processes (now {self.world})")
+        state = read_trainer_state(path)
+        check_resumable(state, path, world=self.world, cfg=self.cfg)
         self.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
         self.step = int(state["step"])
         self.stream.load(state["stream"])
@@ -1292,6 +1333,95 @@ def lr_factor(step: int, total: int, o) -> float:
 
 def _dev(t: torch.Tensor | None, device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
+
+
+def resume_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The values under `RESUME_INVARIANT_KEYS` in `cfg` as {dotted leaf key: plain JSON value}, stored
+    with each checkpoint (the papo section as the resolved PAPOConfig, so a preset and its spelled-out
+    values compare equal)."""
+    tree = cfg.to_dict()
+    tree["papo"] = asdict(cfg.papo_config())
+    out: dict[str, Any] = {}
+
+    def flatten(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{key}.{k}", v)
+        else:
+            out[key] = json.loads(json.dumps(value))
+
+    for key in RESUME_INVARIANT_KEYS:
+        value: Any = tree
+        for part in key.split("."):
+            value = value[part]
+        flatten(key, value)
+    return out
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer_state.json of a complete checkpoint; CheckpointError if it is missing or unreadable."""
+    state_file = path / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON object was expected, got {type(state).__name__}")
+        for key in ("step", "stream", "world_size"):
+            if key not in state:
+                raise ValueError(f"the key {key!r} is missing")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is marked complete but its trainer_state.json cannot be "
+                              f"read ({e}); move the directory aside to resume from the previous "
+                              "checkpoint") from e
+    return state
+
+
+def check_resumable(state: dict[str, Any], path: Path, *, world: int, cfg: RunConfig) -> None:
+    """Refuse (CheckpointError) a checkpoint written by another number of ranks or under other
+    values of `RESUME_INVARIANT_KEYS` than `cfg`'s (keys named in checkpoint.allow_changed_keys
+    may differ). Checkpoints that predate the stored config are checked for the world size only."""
+    if state["world_size"] != world:
+        raise CheckpointError(f"checkpoint {path} was written with world size {state['world_size']} but "
+                              f"this run has world size {world}: ZeRO partitions and RNG states are per "
+                              f"rank; resume with world size {state['world_size']}")
+    saved = state.get("config")
+    if saved is None:
+        return
+    now = resume_fingerprint(cfg)
+    allowed = set(cfg.checkpoint.allow_changed_keys)
+
+    def is_allowed(key: str) -> bool:  # the key itself or a section above it
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in allowed for i in range(1, len(parts) + 1))
+
+    missing = "(absent)"
+    changed = [k for k in sorted(set(saved) | set(now))
+               if saved.get(k, missing) != now.get(k, missing) and not is_allowed(k)]
+    if changed:
+        diffs = "; ".join(f"{k}: {json.dumps(saved.get(k, missing))} in the checkpoint, "
+                          f"{json.dumps(now.get(k, missing))} now" for k in changed)
+        raise CheckpointError(f"checkpoint {path} was written under another configuration ({diffs}). "
+                              "Resume with the checkpoint's values, use another out_dir, or list the keys "
+                              "in checkpoint.allow_changed_keys to continue with the new values on purpose")
+
+
+def _write_checkpoint_file(path: Path, write) -> None:
+    """write(path) between the checkpoint fault points (free when no fault is armed)."""
+    fault_point("checkpoint.write")
+    write(path)
+    fault_point("checkpoint.written")
+
+
+def _route_through_fault_points(checkpoint_engine) -> None:
+    """Make each file DeepSpeed's checkpoint engine writes pass the checkpoint fault points."""
+    save = checkpoint_engine.save
+    if getattr(save, "_through_fault_points", False):
+        return
+
+    def save_through_fault_points(state_dict, path):
+        _write_checkpoint_file(path, lambda p: save(state_dict, p))
+
+    save_through_fault_points._through_fault_points = True
+    checkpoint_engine.save = save_through_fault_points
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
