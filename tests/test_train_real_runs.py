@@ -302,13 +302,16 @@ def test_non_finite_gradients_skip_the_step_at_every_zero_stage(assets, tmp_path
                  "trainer.mini_batch_size=2")
     try:
         before = {k: v.clone() for k, v in tr.full_state_dict().items()}
-        advantages = tr._advantages
+        backward = tr.engine.backward
+        calls = []
 
-        def poisoned(samples):
-            advantages(samples)
-            samples[0].advantage = float("nan")  # one NaN: the first mini-batch's gradient is NaN
+        def poisoned(loss, **kw):
+            # the first micro-batch's loss times NaN: the first mini-batch's gradient is NaN (a NaN
+            # advantage would be refused by papo_loss's input check before it reached the gradient)
+            calls.append(1)
+            return backward(loss * float("nan") if len(calls) == 1 else loss, **kw)
 
-        tr._advantages = poisoned
+        tr.engine.backward = poisoned
         rec = tr.train_step()
         after = tr.full_state_dict()
     finally:
