@@ -165,6 +165,17 @@ def load_policy(path: str | Path, *, dtype: torch.dtype, attn_implementation: st
     return model, processor
 
 
+def reference_copy(policy: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of `policy` for the reference log-probs, computing as the DeepSpeed-wrapped
+    policy does: parameters in the compute dtype, buffers (rotary frequencies) untouched, as
+    DeepSpeed's bf16 casts parameters only. Before the first update the two then give identical
+    log-probs (a reference KL of exactly 0), and a bf16 reference holds half the memory."""
+    ref = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
+    for p in ref.parameters():
+        p.data = p.data.to(dtype)
+    return ref
+
+
 def fp32_master_weight(optimizer, param: torch.Tensor) -> torch.Tensor | None:
     """The fp32 master copy of a bf16 parameter held by DeepSpeed's optimizer, or None.
 
@@ -466,7 +477,7 @@ class Trainer:
         self.tokenizer = self.processor.tokenizer
         self.ref_model = None
         if self.papo.beta > 0:
-            self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
+            self.ref_model = reference_copy(policy, self.device, dtype)
 
         d = cfg.data
         ds_kwargs = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
@@ -554,7 +565,7 @@ class Trainer:
         barrier()
         policy, _ = load_policy(sft_dir, dtype=torch.float32, attn_implementation=self.cfg.model.attn_implementation)
         if self.ref_model is not None:  # the reference is the warm-started policy
-            self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
+            self.ref_model = reference_copy(policy, self.device, dtype)
         return policy
 
     def _configure_policy(self, policy, *, adapters: bool) -> None:
