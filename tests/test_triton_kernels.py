@@ -261,7 +261,8 @@ def test_fused_loss_without_grad_skips_the_sweep(monkeypatch):
         assert abs(float(loss) - float(ref)) < 1e-4
     assert calls == []
     for strategy in STRATEGIES:  # with a gradient to compute, the same spies see the sweep
-        pk.fused_two_view_loss(ha.clone().requires_grad_(True), hb, w, t, fn, backend="triton", strategy=strategy)
+        leaf = ha.clone().requires_grad_(True)
+        pk.fused_two_view_loss(leaf, hb, w, t, fn, backend="triton", strategy=strategy)
     assert {"workspace_dz", "fused_dh"} <= set(calls), calls
 
 
