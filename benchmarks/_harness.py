@@ -1,6 +1,6 @@
 """Shared benchmark machinery: environment record, timing, memory accounting, result files.
 
-Memory accounting (DESIGN.md): extra = peak - (inputs + one gradient per input, in the input's
+Memory accounting (docs/design.md): extra = peak - (inputs + one gradient per input, in the input's
 dtype). On CUDA the peak is `max_memory_allocated`; on CPU it is the process's peak resident
 set (VmHWM, reset through /proc/self/clear_refs) measured in a fresh process per provider, so
 that one provider's allocator cache never counts against another.

@@ -3,7 +3,7 @@
     python -m benchmarks._memory_worker '{"op": "two_view", "mode": "fwd_bwd", "n": 2048, ...}'
 
 Prints one JSON line: status ("ok" | "unavailable" | "error" | "oom"), extra_bytes = peak RSS
-of one call minus the RSS with the inputs and one gradient per input resident (DESIGN.md),
+of one call minus the RSS with the inputs and one gradient per input resident (docs/design.md),
 and the call's seconds. Providers that compile on first use are warmed up first, so the
 compiler's own memory is not counted; the warm-up's freed heap is returned to the OS before
 the baseline is read.

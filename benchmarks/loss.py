@@ -45,7 +45,7 @@ def _cell(op, mode, shape, n, name, args) -> dict:
         "outputs": prov.outputs, "note": prov.note, "status": "pending", "reason": "",
         "time": {}, "samples": [], "tflops": None, "extra_mb": None, "dw_acc_mb": None,
         "extra_beyond_dw_mb": None, "vs_floor": None, "vs_best_peer": None, "best_peer": None,
-        "vs_fastest_peer": None, "check": None,
+        "vs_fastest_peer": None, "check": None, "plan": None,
         "max_tokens": "gpu-only" if shape.device == "cpu" else None,
     }
 
@@ -200,6 +200,7 @@ def run_workload(op: str, mode: str, shape, n: int, names: list[str], args,
             continue
         fns[name] = fn
         cell["status"] = "running"
+        cell["plan"] = P.describe(name, inp, _opts(args))
     del small
 
     # Phase 3: interleaved repetitions; the provider order rotates every round.
@@ -305,13 +306,13 @@ def search_max_tokens(shape, names: list[str], args, deadline: H.Deadline, cells
         if (op, mode) not in P.PROVIDERS[name].workloads or P.PROVIDERS[name].kind == "floor":
             continue
         mine = [c for c in cells if c["provider"] == name and c["op"] == op and c["mode"] == mode]
-        if not mine or all(c["status"] not in ("ok", "oom") for c in mine):
+        if not mine or all(c["status"] not in ("ok", "oom", "search") for c in mine):
             continue
         if name not in wanted:
             for c in mine:
                 c["max_tokens"] = "not searched"
             continue
-        if deadline.expired(args.reserve_s + 60):
+        if deadline.expired(args.reserve_s + min(60.0, args.max_tokens_budget_s)):
             for c in mine:
                 c["max_tokens"] = "skipped (time budget)"
             continue
@@ -346,7 +347,8 @@ def search_max_tokens(shape, names: list[str], args, deadline: H.Deadline, cells
 
         t0 = time.perf_counter()
         granule = P.SEQ_LEN if shape.device == "cuda" else 64
-        res = H.search_max_tokens(fits, start=max(shape.tokens), limit=args.max_tokens_limit,
+        start = getattr(args, "search_start", None) or max(shape.tokens)
+        res = H.search_max_tokens(fits, start=start, limit=args.max_tokens_limit,
                                   granule=granule, deadline=budget, reserve=0)
         value = res["max_tokens"]
         label = value if res["bound"] == "exact" else (f">= {value}" if value else "none (time budget)")
@@ -364,11 +366,20 @@ def _status_text(c: dict) -> str:
     return f"{c['status']}: {c['reason']}" if c["reason"] else c["status"]
 
 
+def _plan_text(plan: dict | None) -> str | None:
+    """The Triton workspace plan of a cell, compact: chunk rows, ring rows x rings, dW GEMMs, MB."""
+    if not plan:
+        return None
+    return (f"{plan['variant']}: C {plan['chunk']}, ring {plan['ring_rows']}x{plan['rings']}, "
+            f"{plan['dw_gemms']} dW GEMMs, {plan['total_bytes'] / H.MB:.0f} MB")
+
+
 def render_section(section: dict) -> str:
     cells = section.get("cells", [])
     peak = ("own process per provider, peak RSS" if section.get("device") == "cpu"
             else "max_memory_allocated")
-    out = ["## Loss kernels (`python -m benchmarks.loss`)", "",
+    title = "Loss kernels" + (f", stage `{section['name']}`" if section.get("name", "loss") != "loss" else "")
+    out = [f"## {title} (`python -m benchmarks.loss`)", "",
            f"Command: `{section.get('command', '')}`; {section.get('reps')} interleaved repetitions; "
            f"time = median wall seconds of one call (fwd, or fwd+bwd), spread = (max - min) / median; "
            f"TFLOP/s on the useful-FLOPs basis (2HV per token and view for the logits, +4HV per view "
@@ -381,14 +392,14 @@ def render_section(section: dict) -> str:
         out += ["**Partial results** (the run was still going or was cut short).", ""]
     dropped = section.get("dropped")
     if dropped:
+        slow = ", ".join(f"`{k}` ({v:.1f}x)" for k, v in dropped["providers"].items())
         out += [f"Measured at N={dropped['after_tokens']} only (slower than {dropped['limit_x_floor']}x the "
-                "GEMM floor there): " + ", ".join(f"`{k}` ({v:.1f}x)" for k, v in dropped["providers"].items())
-                + ".", ""]
+                f"GEMM floor there): {slow}.", ""]
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
         groups.setdefault((c["shape"], c["op"], c["mode"], c["tokens"]), []).append(c)
     header = ["provider", "outputs", "time s", "spread", "TFLOP/s", "x floor", "x best peer",
-              "extra MB", "fp32 dW acc MB", "max tokens", "check", "status / note"]
+              "extra MB", "fp32 dW acc MB", "max tokens", "check", "workspace", "status / note"]
     for (shape, op, mode, n), cs in groups.items():
         c0 = cs[0]
         b = "" if op != "two_view" else (
@@ -403,7 +414,7 @@ def render_section(section: dict) -> str:
                 f"`{c['provider']}`", c["outputs"], t.get("median"),
                 f"{100 * t['spread']:.0f}%" if t else None, c["tflops"], c["vs_floor"],
                 c["vs_best_peer"], c["extra_mb"], c["dw_acc_mb"], c["max_tokens"],
-                f"{chk:.1e}" if isinstance(chk, float) else chk, _status_text(c)])
+                f"{chk:.1e}" if isinstance(chk, float) else chk, _plan_text(c.get("plan")), _status_text(c)])
         out.append(H.md_table(header, rows))
         best = next((c["best_peer"] for c in cs if c.get("best_peer")), None)
         if best:
@@ -482,13 +493,18 @@ def plot_section(section: dict, path: Path) -> bool:
 
 
 def render_document(doc: dict) -> str:
-    renderers = {"loss": render_section}
+    """Every section of a results document: "loss*" sections (one per GPU session stage) with
+    this module's renderer, "step*" sections with the step benchmark's."""
     try:
         from benchmarks.step import render_section as render_step
-
-        renderers["step"] = render_step
     except Exception:  # noqa: BLE001 - the step benchmark may not import yet
-        pass
+        render_step = None
+    renderers = {}
+    for key in doc:
+        if key.startswith("loss"):
+            renderers[key] = render_section
+        elif key.startswith("step") and render_step is not None:
+            renderers[key] = render_step
     return H.render_document(doc, renderers)
 
 
@@ -550,12 +566,17 @@ def parse_args(argv=None):
                     help="after the first N, leave out of later N (and of --max-tokens) every provider "
                          "slower than this many times the GEMM floor in any workload there (0: keep all)")
     ap.add_argument("--max-tokens", action="store_true", help="search the largest N per provider")
+    ap.add_argument("--max-tokens-only", action="store_true",
+                    help="only the largest-N search (two_view fwd_bwd), no timing: the first --tokens "
+                         "value is where the search starts")
     ap.add_argument("--max-tokens-limit", type=int, default=1 << 18)
     ap.add_argument("--max-tokens-providers", default="all",
                     help="comma-separated, searched in this order, or 'all'")
     ap.add_argument("--max-tokens-budget-s", type=float, default=60.0, help="search time per provider")
     ap.add_argument("--simulated-capacity-mb", type=float, default=None,
                     help="CPU dry runs: the memory a 'device' has, for --max-tokens")
+    ap.add_argument("--section", default="loss",
+                    help="name of this run's section in the results file (one per GPU session stage)")
     ap.add_argument("--out-dir", type=Path, default=H.RESULTS_DIR)
     ap.add_argument("--mirror-dir", type=Path, default=None, help="copy result files here too ($OUT)")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -584,7 +605,7 @@ def main(argv=None) -> list[dict]:
     env = H.environment(shape.device)
     section = {"command": "python -m benchmarks.loss " + " ".join(sys.argv[1:] if argv is None else argv),
                "device": shape.device, "shape": shape.name, "reps": args.reps, "cells": [],
-               "partial": True, "started": env["timestamp"]}
+               "partial": True, "started": env["timestamp"], "name": args.section}
     t_start = time.perf_counter()
 
     def save(final: bool = False):
@@ -592,15 +613,33 @@ def main(argv=None) -> list[dict]:
         section["wall_s"] = round(time.perf_counter() - t_start, 1)
         if args.no_write:
             return
-        paths = H.save_section("loss", section, env, args.out_dir, render_document, plot_section,
+        paths = H.save_section(args.section, section, env, args.out_dir, render_document, plot_section,
                                args.mirror_dir)
         if final:
             _log("wrote " + ", ".join(str(p) for p in paths.values()))
 
+    if args.max_tokens_only:
+        args.max_tokens, args.search_start = True, tokens[0]
+        probe = P.make_inputs("two_view", "fwd_bwd", 8, 8, 64, getattr(torch, shape.dtype), shape.device)
+        for name in names:
+            p = P.PROVIDERS[name]
+            if ("two_view", "fwd_bwd") in p.workloads and p.kind != "floor":
+                cell = _cell("two_view", "fwd_bwd", shape, tokens[0], name, args)
+                cell["status"], cell["reason"] = "search", "largest N only (--max-tokens-only)"
+                try:  # a provider that cannot run here is a cell, not a search
+                    P.build(name, probe, _opts(args))
+                except P.Unavailable as exc:
+                    cell["status"], cell["reason"] = "unavailable", str(exc)
+                except Exception:  # noqa: BLE001 - the search reports it
+                    pass
+                section["cells"].append(cell)
+        search_max_tokens(shape, names, args, deadline, section["cells"])
+        tokens = []
     for i, n in enumerate(tokens):
         for op, mode in workloads:
             if deadline.expired(args.reserve_s):
                 _log(f"time budget reached before {op}/{mode} N={n}")
+                section["budget_reached"] = f"before {op}/{mode} N={n}"
                 break
             try:
                 section["cells"] += run_workload(op, mode, shape, n, names, args, deadline)

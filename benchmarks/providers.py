@@ -6,7 +6,7 @@ Workloads (op, mode):
                                + eta (H_a + H_b),  loss = sum_t l_t / N
                          Both views require grad by default (the "live" masked view), so the
                          useful work is 6HV FLOPs per token and view; --detached-b makes view b a
-                         constant (2HV for it, DESIGN.md "masked view detached").
+                         constant (2HV for it; the detached view of docs/design.md).
     token_stats fwd      logp and the full-vocabulary entropy of one view, no grad (2HV).
     token_stats fwd_bwd  l_t = -A_t exp(logp - sg(logp)) + eta H, loss = sum_t l_t / N (6HV).
 
@@ -14,10 +14,12 @@ Providers, each turned into a zero-argument callable by `build()`:
     eager        PyTorch on materialized fp32 logits, as TRL-style code does;
     compile      a torch.compile'd chunked loss with the gradient computed per chunk in the
                  forward (the honest peer: bounded memory, fused elementwise work);
-    torch|triton|cpp : stats|fused [: workspace|fused]
+    torch|triton|cpp : stats|fused [: workspace [: variant]]
                  ours: `two_view_stats`/`token_stats` (autograd, backward recomputes) or
-                 `fused_two_view_loss`/`fused_token_loss` (gradient in forward), per backend
-                 and execution strategy;
+                 `fused_two_view_loss`/`fused_token_loss` (gradient in forward), per backend;
+                 Triton's workspace strategy also as the variants of WORKSPACE_VARIANTS (the
+                 2026-11-25 path, a second stream, other dZ ring sizes), and
+                 `triton:stats:inregister`, the in-register forward (no-grad statistics only);
     liger        Liger-Kernel's LigerFusedLinearGRPOLoss, one call per view (logp only);
     cce          Cut-Cross-Entropy's linear_cross_entropy, one call per view (logp only;
                  impl "cce" on CUDA, its "torch_compile" fallback elsewhere);
@@ -163,7 +165,7 @@ def dense_stats(z: torch.Tensor, targets: torch.Tensor):
 
 def dense_two_view_loss(h_a, h_b, w, targets, adv, inv_n):
     za = h_a @ w.T
-    # a view whose hidden states need no grad is a constant distribution (DESIGN.md contract)
+    # a view whose hidden states need no grad is a constant distribution (docs/design.md contract)
     zb = h_b @ (w if h_b.requires_grad else w.detach()).T
     lpa, logp_a, ent_a = dense_stats(za, targets)
     lpb, _, ent_b = dense_stats(zb, targets)
@@ -233,6 +235,7 @@ class Provider:
     builder: Callable[[Inputs, dict], Callable[[], Any]]
     needs_warmup: bool = False  # JIT compilation on the first call
     note: str = ""
+    workspace: dict | None = None  # Triton workspace switches (kernels/_config.override_workspace)
 
 
 def _inv_n(inp: Inputs) -> float:
@@ -280,14 +283,17 @@ def _build_compile(inp: Inputs, opts: dict):
             return tuple(torch.cat(o) for o in zip(*outs))
 
         return fwd
+    # 1/N enters as a tensor, not a Python float the graph would be specialized (and recompiled)
+    # on for every N: the largest-N search calls it at many N.
     if inp.op == "two_view":
-        def chunk_fn(ha, hb, w, t, adv):
-            return dense_two_view_loss(ha, hb, w, t, adv, inv_n)
+        def chunk_fn(ha, hb, w, t, adv, inv):
+            return dense_two_view_loss(ha, hb, w, t, adv, 1.0) * inv[0]
     else:
-        def chunk_fn(ha, hb, w, t, adv):
-            return dense_token_loss(ha, w, t, adv, inv_n)
+        def chunk_fn(ha, hb, w, t, adv, inv):
+            return dense_token_loss(ha, w, t, adv, 1.0) * inv[0]
     compiled = torch.compile(chunk_fn, fullgraph=True, dynamic=False)
-    extra = (inp.targets, inp.advantages)
+    extra = (inp.targets, inp.advantages,
+             torch.full((inp.n,), inv_n, dtype=torch.float32, device=inp.hidden_a.device))
     return lambda: _backward(_GradInForward.apply(compiled, chunk, extra, inp.hidden_a,
                                                   inp.hidden_b, inp.weight))
 
@@ -295,53 +301,98 @@ def _build_compile(inp: Inputs, opts: dict):
 # ours ------------------------------------------------------------
 
 
-def _ours_builder(backend: str, api: str, strategy: str):
+# Variants of the Triton workspace path measured beside the default in one GPU run: provider
+# suffix -> kernels/_config.override_workspace arguments.
+WORKSPACE_VARIANTS = {
+    "v1": dict(variant="v1"),  # the 2026-11-25 path: dh and dW per chunk, 1 GiB chunks
+    "ring2s": dict(variant="ring2s"),  # ring flushes on a second CUDA stream
+    "ring2k": dict(ring_rows=2048),  # other dZ ring sizes (memory against time)
+    "ring8k": dict(ring_rows=8192),
+}
+
+
+def _with_workspace(fn: Callable[[], Any], workspace: dict | None) -> Callable[[], Any]:
+    if not workspace:
+        return fn
+    from papo_kernels.kernels import _config
+
+    def run():
+        with _config.override_workspace(**workspace):
+            return fn()
+
+    return run
+
+
+def describe(name: str, inp: Inputs, opts: dict | None = None) -> dict | None:
+    """The workspace plan (chunk rows, ring rows, dW GEMMs per call, buffer bytes) a Triton
+    provider uses for these inputs; None for every other provider or workload."""
+    p = PROVIDERS[name]
+    if not name.startswith("triton:") or inp.mode != "fwd_bwd" or p.workspace is None:
+        return None
+    try:
+        from papo_kernels.kernels import _config, workspace
+    except ImportError:
+        return None
+    two = inp.hidden_b is not None
+    with _config.override_workspace(**p.workspace):
+        return workspace.describe(inp.hidden_a, inp.weight, two_view=two, need_dh_a=True,
+                                  need_dh_b=two and inp.hidden_b.requires_grad, need_dw=True,
+                                  b_in_dw=two and inp.hidden_b.requires_grad,
+                                  chunk_tokens=(opts or {}).get("chunk_tokens"))
+
+
+def _ours_builder(backend: str, api: str, strategy: str, workspace: dict | None = None):
     def build(inp: Inputs, opts: dict):
-        import papo_kernels as pk
-        from papo_kernels._backends import BackendUnavailableError, resolve_backend
-
-        if backend == "triton" and inp.device != "cuda":
-            raise Unavailable("gpu-only: Triton kernels are benchmarked on CUDA (the interpreter "
-                              "is not a benchmark)")
-        try:
-            resolve_backend(backend, inp.hidden_a.device)
-        except BackendUnavailableError as exc:
-            raise Unavailable(str(exc)) from None
-        kw = dict(backend=backend, strategy=strategy)
-        if opts.get("chunk_tokens"):
-            kw["chunk_tokens"] = opts["chunk_tokens"]
-        adv, inv_n, t = inp.advantages, _inv_n(inp), inp.targets
-        if inp.mode == "fwd":
-            def fwd():
-                with torch.no_grad():
-                    return tuple(pk.token_stats(inp.hidden_a, inp.weight, t, **kw))
-            return fwd
-        if inp.op == "two_view":
-            if api == "stats":
-                def run():
-                    s = pk.two_view_stats(inp.hidden_a, inp.hidden_b, inp.weight, t, **kw)
-                    return _backward(two_view_token_loss(s.logp_a, s.entropy_a, s.entropy_b,
-                                                         s.kl_ba, adv).sum() * inv_n)
-                return run
-
-            def loss_fn(s, index):
-                return two_view_token_loss(s.logp_a, s.entropy_a, s.entropy_b, s.kl_ba,
-                                           adv[index]).sum() * inv_n, {}
-
-            return lambda: _backward(pk.fused_two_view_loss(inp.hidden_a, inp.hidden_b, inp.weight,
-                                                            t, loss_fn, **kw)[0])
-        if api == "stats":
-            def run():
-                s = pk.token_stats(inp.hidden_a, inp.weight, t, **kw)
-                return _backward(token_loss(s.logp, s.entropy, adv).sum() * inv_n)
-            return run
-
-        def loss_fn1(s, index):
-            return token_loss(s.logp, s.entropy, adv[index]).sum() * inv_n, {}
-
-        return lambda: _backward(pk.fused_token_loss(inp.hidden_a, inp.weight, t, loss_fn1, **kw)[0])
+        return _with_workspace(_build_ours(backend, api, strategy, inp, opts), workspace)
 
     return build
+
+
+def _build_ours(backend: str, api: str, strategy: str, inp: Inputs, opts: dict):
+    import papo_kernels as pk
+    from papo_kernels._backends import BackendUnavailableError, resolve_backend
+
+    if backend == "triton" and inp.device != "cuda":
+        raise Unavailable("gpu-only: Triton kernels are benchmarked on CUDA (the interpreter "
+                          "is not a benchmark)")
+    try:
+        resolve_backend(backend, inp.hidden_a.device)
+    except BackendUnavailableError as exc:
+        raise Unavailable(str(exc)) from None
+    kw = dict(backend=backend, strategy=strategy)
+    if opts.get("chunk_tokens"):
+        kw["chunk_tokens"] = opts["chunk_tokens"]
+    adv, inv_n, t = inp.advantages, _inv_n(inp), inp.targets
+    if inp.mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return tuple(pk.token_stats(inp.hidden_a, inp.weight, t, **kw))
+        return fwd
+    if inp.op == "two_view":
+        if api == "stats":
+            def run():
+                s = pk.two_view_stats(inp.hidden_a, inp.hidden_b, inp.weight, t, **kw)
+                return _backward(two_view_token_loss(s.logp_a, s.entropy_a, s.entropy_b,
+                                                     s.kl_ba, adv).sum() * inv_n)
+            return run
+
+        def loss_fn(s, index):
+            return two_view_token_loss(s.logp_a, s.entropy_a, s.entropy_b, s.kl_ba,
+                                       adv[index]).sum() * inv_n, {}
+
+        return lambda: _backward(pk.fused_two_view_loss(inp.hidden_a, inp.hidden_b, inp.weight,
+                                                        t, loss_fn, **kw)[0])
+    if api == "stats":
+        def run():
+            s = pk.token_stats(inp.hidden_a, inp.weight, t, **kw)
+            return _backward(token_loss(s.logp, s.entropy, adv).sum() * inv_n)
+        return run
+
+    def loss_fn1(s, index):
+        return token_loss(s.logp, s.entropy, adv[index]).sum() * inv_n, {}
+
+    return lambda: _backward(pk.fused_token_loss(inp.hidden_a, inp.weight, t, loss_fn1, **kw)[0])
+
 
 
 # liger -----------------------------------------------------------
@@ -492,13 +543,23 @@ _TOKEN = frozenset({("token_stats", "fwd"), ("token_stats", "fwd_bwd")})
 def _ours() -> list[Provider]:
     out = []
     for backend in ("torch", "triton", "cpp"):
-        strategies = ("auto",) if backend == "torch" else ("workspace", "fused")
         for api in ("stats", "fused"):
-            for strategy in strategies:
-                name = f"{backend}:{api}" + ("" if strategy == "auto" else f":{strategy}")
-                wl = _BOTH if api == "stats" else _GRAD
-                out.append(Provider(name, "ours", "all", wl, _ours_builder(backend, api, strategy),
-                                    needs_warmup=backend != "torch"))
+            wl = _BOTH if api == "stats" else _GRAD
+            if backend != "triton":  # one strategy: the names carry none
+                out.append(Provider(f"{backend}:{api}", "ours", "all", wl,
+                                    _ours_builder(backend, api, "auto"), needs_warmup=backend != "torch"))
+                continue
+            out.append(Provider(f"triton:{api}:workspace", "ours", "all", wl,
+                                _ours_builder(backend, api, "workspace"), needs_warmup=True, workspace={}))
+            for suffix, ws in WORKSPACE_VARIANTS.items():
+                # forward-only statistics differ between variants only for "v1" (unsplit epilogue)
+                wl_v = wl if suffix == "v1" else wl & _GRAD
+                out.append(Provider(f"triton:{api}:workspace:{suffix}", "ours", "all", wl_v,
+                                    _ours_builder(backend, api, "workspace", ws), needs_warmup=True,
+                                    workspace=ws, note=f"workspace variant {ws}"))
+    out.append(Provider("triton:stats:inregister", "ours", "all", frozenset({("token_stats", "fwd")}),
+                        _ours_builder("triton", "stats", "workspace", dict(inregister_forward=True)),
+                        needs_warmup=True, note="in-register forward statistics (PAPO_INREGISTER_FORWARD=1)"))
     return out
 
 

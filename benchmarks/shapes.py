@@ -1,6 +1,6 @@
 """Shape registry: the lm_head shapes of the target VLMs and the scaled shapes CPUs can run.
 
-Benchmarks take shapes from here by name, never hard-coded (CONVENTIONS.md #15). A head is
+Benchmarks take shapes from here by name, never hard-coded. A head is
 (H, V); a shape adds the token counts to sweep.
 """
 

@@ -73,6 +73,14 @@ MODELS: dict[str, StepModel] = {
                   note="Qwen2.5-VL-3B shape (36 layers, hidden 2048, vocab 151,936, tied head; "
                        "vision MLP 2x width and one full-attention block, as train/tiny.py builds), "
                        "bf16 weights, gradient checkpointing"),
+        StepModel("7b-short", dict(vocab_size=152064 - 14, hidden_size=3584, intermediate_size=18944,
+                                   num_layers=4, num_heads=28, num_kv_heads=4, vision_depth=4,
+                                   vision_hidden_size=1280, vision_heads=16, tie_word_embeddings=False),
+                  "cuda", "bfloat16", 64, 32, 1024, 4, grad_checkpointing=True,
+                  note="Qwen2.5-VL-7B layer and head shapes (hidden 3584, MLP 18944, vocab 152,064, untied "
+                       "head) with the trunk SHORTENED to 4 of 28 text layers and 4 of 32 vision blocks, so "
+                       "that it builds and runs in a short GPU window: the head's share of memory and time "
+                       "is larger than in the real 7B; bf16 weights, gradient checkpointing"),
         StepModel("tiny-gpu", {}, "cuda", "bfloat16", 16, 8, 64, 4, note="GPU smoke shape"),
     )
 }
@@ -491,6 +499,8 @@ def parse_args(argv=None):
     ap.add_argument("--reserve-s", type=float, default=20.0)
     ap.add_argument("--no-isolate", action="store_true")
     ap.add_argument("--isolate-timeout", type=float, default=600.0)
+    ap.add_argument("--section", default="step",
+                    help="name of this run's section in the results file (one per GPU session stage)")
     ap.add_argument("--out-dir", type=Path, default=H.RESULTS_DIR)
     ap.add_argument("--mirror-dir", type=Path, default=None)
     ap.add_argument("--no-write", action="store_true")
@@ -527,13 +537,14 @@ def main(argv=None) -> list[dict]:
         section["partial"] = not final
         section["wall_s"] = round(time.perf_counter() - t_start, 1)
         if not args.no_write:
-            paths = H.save_section("step", section, env, args.out_dir, render_document, plot_section,
+            paths = H.save_section(args.section, section, env, args.out_dir, render_document, plot_section,
                                    args.mirror_dir)
             if final:
                 _log("wrote " + ", ".join(str(p) for p in paths.values()))
 
     for m in models:
         if deadline.expired(args.reserve_s):
+            section["budget_reached"] = f"before {m.name}"
             break
         section["models"][m.name] = {"sequence_tokens": m.sequence_tokens,
                                      "completion_tokens": m.completion_tokens, "dtype": m.dtype,

@@ -1,7 +1,7 @@
 """PAPOConfig: every knob of the PAPO loss, validated, plus the presets of the released checkpoints.
 
-Field names and defaults follow DESIGN.md ("Contract"); the defaults are the official code's
-(PAPO_SPEC.md section 1.2 and 3), i.e. the PAPO-G NRef 7B recipe.
+The defaults are the official code's, i.e. the PAPO-G NRef 7B recipe (docs/algorithm.md,
+"Presets" and "Recipe defaults").
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class PAPOConfig:
     estimator: str = "sampled"
     """"sampled": the official code bit for bit (k3 of the sampled token for KL_prcp, mean of
     -logp of sampled tokens as "entropy"). "exact": full-vocabulary KL_prcp and entropies
-    (same expected gradients without sampling noise, DESIGN.md "Two estimators")."""
+    (same expected gradients without sampling noise, docs/algorithm.md "Two estimators")."""
 
     kl_prcp_direction: str = "masked_to_full"
     """exact only. "masked_to_full": KL(pi_masked || pi_theta), whose gradient (masked view

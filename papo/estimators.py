@@ -54,7 +54,7 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     d is clamped to [-20, 20] and the result to [-10, 10], as the official code does (the
     clamps also zero the gradient beyond them). For tokens sampled from pi it estimates
     KL(pi || pi_ref); its gradient w.r.t. logp is 1 - exp(d), whose expectation under pi is
-    the gradient of KL(pi_ref || pi), the reverse direction (DESIGN.md "Two estimators").
+    the gradient of KL(pi_ref || pi), the reverse direction (docs/algorithm.md).
 
     Args:
         logp: [...] float log-probs of the sampled tokens under pi (may require grad).

@@ -1,6 +1,6 @@
 """The PAPO loss: `papo_loss` on per-token statistics and `PAPOLoss` from hidden states.
 
-Per completion token t of response i the loss to minimize is (DESIGN.md, PAPO_SPEC 1.2)
+Per completion token t of response i the loss to minimize is (docs/algorithm.md)
 
     l_t = PPOclip_dual(r_t, A_i) + beta KL_ref_t - gamma KL_prcp_t + eta_full H_t + eta_masked Hm_t
 
@@ -185,7 +185,7 @@ def _token_terms(
 
     if config.estimator == "sampled":
         # official: KL_prcp = k3 on the sampled token against the masked view, "entropy" =
-        # -logp of the sampled token in each view (PAPO_SPEC 1.2, 1.5)
+        # -logp of the sampled token in each view (docs/algorithm.md)
         kl_prcp = kl_k3(logp, masked_logp) if masked_logp is not None else None
         h_full = -logp
         h_masked = -masked_logp if masked_logp is not None else None
@@ -421,7 +421,7 @@ class PAPOLoss(nn.Module):
     Args:
         config: PAPOConfig.
         backend, strategy, chunk_tokens: passed to the papo_kernels fused calls ("auto",
-            "torch", "triton", "cpp"; "auto", "workspace", "fused"; rows per chunk or None).
+            "torch", "triton", "cpp"; "auto", "workspace"; rows per chunk or None).
     """
 
     def __init__(self, config: PAPOConfig, *, backend: str = "auto", strategy: str = "auto",

@@ -1,6 +1,6 @@
 """Image masking for the perception KL: the paper's random patch blackening and a variant.
 
-`mask_images` is PAPO_SPEC section 2 exactly (official `random_patch_blackening`): the raw
+`mask_images` is the official `random_patch_blackening` exactly (docs/algorithm.md): the raw
 image, before the Qwen processor, is tiled row-major into patch_size x patch_size squares from
 (0, 0) (edge tiles truncated) and each tile is set to 0 (black) with probability `prob`,
 independently. One draw per prompt: all rollouts of a prompt share its masked images
@@ -130,7 +130,7 @@ def _mask_one(pil: Image.Image, patch_size: int, prob: float, rng: RandomSource)
 
 
 def mask_images(images: Any, *, patch_size: int = 14, prob: float = 0.6, generator: Any) -> Any:
-    """Mask every image of one prompt (PAPO_SPEC section 2).
+    """Mask every image of one prompt (docs/algorithm.md, "Masking").
 
     Args:
         images: one image or a list/tuple of the prompt's images (multi-image prompts: every

@@ -1,6 +1,6 @@
 """Math rewards of the official recipe: last-\\boxed{} accuracy with MathRuler, format, overall.
 
-Official `examples/reward_function/math.py` (PAPO_SPEC section 3):
+Official `examples/reward_function/math.py` (docs/algorithm.md, "Rewards and the prompt"):
     response = whitespace around "<", ">" and "/" removed
     format   = 1 if response fully matches  <think>.*</think>.*\\boxed\\{.*\\}.*  (DOTALL)
     accuracy = 1 if mathruler grade_answer(extract_boxed_content(response), ground_truth)

@@ -1,6 +1,6 @@
 """papo-kernels: exact, memory-bounded log-probs, entropies and two-view KLs over the vocabulary.
 
-The four calls of DESIGN.md's contract compute, from last hidden states and the shared
+The four calls (docs/design.md, the contract) compute, from last hidden states and the shared
 lm_head weight, what a PAPO/GRPO loss needs without materializing [tokens x vocab] logits.
 """
 

@@ -18,8 +18,9 @@ from typing import Callable
 
 import torch
 
+from papo_kernels._strategies import STRATEGIES  # noqa: F401  (re-exported: the public choices)
+
 BACKENDS = ("auto", "torch", "triton", "cpp")
-STRATEGIES = ("auto", "workspace", "fused")
 
 
 class BackendUnavailableError(RuntimeError):

@@ -1,4 +1,4 @@
-"""Public API: the four calls of DESIGN.md's contract, input validation and backend dispatch.
+"""Public API: the four calls of docs/design.md's contract, input validation and backend dispatch.
 
     token_stats(hidden, weight, targets)                      -> TokenStats(logp, entropy)
     two_view_stats(hidden_a, hidden_b, weight, targets)       -> TwoViewStats(logp_a, logp_b,
@@ -18,7 +18,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from papo_kernels._backends import BACKENDS, STRATEGIES, resolve_backend
+from papo_kernels._backends import BACKENDS, resolve_backend
+from papo_kernels._strategies import check_strategy
 from papo_kernels.autograd import FusedLossFunction, FusedRun, token_stats_op, two_view_stats_op
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -69,8 +70,7 @@ def _validate(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(strategy, str) or strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_strategy(strategy)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [V, H] (the lm_head weight), got shape {tuple(weight.shape)}")
     if weight.dtype not in _FLOAT_DTYPES:
@@ -156,8 +156,9 @@ _COMMON_ARGS = """
         backend: "auto" (fastest available for the tensors' device), "torch" (chunked
             PyTorch, any device and dtype), "triton", "cpp"; an explicit backend that is not
             built or cannot run raises BackendUnavailableError.
-        strategy: "auto" | "workspace" | "fused" (DESIGN.md "Execution strategies") for
-            backends that have several; the torch backend has one and ignores it.
+        strategy: "auto" | "workspace" (docs/design.md "Execution strategies"); the Triton backend
+            has the workspace strategy only (the in-register "fused" one was retired), the
+            torch backend has one and ignores it.
         check_inputs: raise ValueError naming `targets` for ids outside [0, V) other than
             ignore_index (default: True for CPU tensors, where it costs nothing). When False
             such rows give NaN outputs and gradients, without a host sync.
@@ -252,7 +253,8 @@ def two_view_stats(
 def _fused(hiddens, weight, targets, loss_fn, stats_type, temperature, ignore_index, backend,
            strategy, check_inputs, check_finite, chunk_tokens, chunk_vocab):
     if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (stats, index) -> (loss, metrics), got {type(loss_fn).__name__}")
+        raise TypeError("loss_fn must be callable (stats, index) -> (loss, metrics), "
+                        f"got {type(loss_fn).__name__}")
     _validate(hiddens, weight, targets, temperature, ignore_index, backend, strategy, check_inputs,
               check_finite, chunk_tokens, chunk_vocab)
     views = [_flat(h, True) for h in hiddens.values()]

@@ -331,8 +331,8 @@ class FusedRun:
             chunk_tokens=self.chunk_tokens, **self.opts,
         )
         loss = total[0] if len(total) == 1 else torch.stack(total).sum()
-        # dW stays in the fp32 accumulator until backward scales it (DESIGN.md: "the held dW
-        # (fp32)"); casting first would round grad_loss into a low-precision product.
+        # dW stays in the fp32 accumulator until backward scales it (docs/design.md,
+        # "Numerical rules"); casting first would round grad_loss into a low-precision product.
         return loss, dh_a, dh_b, dw_acc
 
 

@@ -1,6 +1,6 @@
 """Chunked pure-PyTorch backend: the oracle every faster backend is tested against.
 
-Math (DESIGN.md "Kernel math"), per row and view, with z = h W^T / T over the vocabulary:
+Math (docs/design.md "Kernel math"), per row and view, with z = h W^T / T over the vocabulary:
 
     phase 1 (statistics), streaming vocabulary tiles with a running max m:
         S  = sum e^(z - m)                      U' = sum e^(z - m) (z - m)   (shifted: 1e-6 accurate entropy)
@@ -14,7 +14,11 @@ Math (DESIGN.md "Kernel math"), per row and view, with z = h W^T / T over the vo
 
 Memory: at most a few [chunk_tokens x chunk_vocab] blocks per view exist at once; never
 [N x V]. Everything is computed in float32 (float64 for float64 inputs): bf16/fp16 inputs
-are upcast per tile before the GEMM so no logit is ever rounded to low precision.
+are upcast per tile before the GEMM so no logit is ever rounded to low precision. On CUDA,
+where torch has fp32-output GEMMs of half operands (papo_kernels/_gemm.py), bf16/fp16 inputs
+stay in their dtype for the GEMMs instead (tensor cores, fp32 accumulation and outputs, so
+logits are as exact as the upcast ones); dZ is rounded to that dtype once before the dh and
+dW GEMMs, as the Triton workspace strategy does.
 
 This module is also the backend interface: a backend provides `forward_stats`,
 `backward_grads` and `loss_rows` (the gradient-in-forward loop of the fused calls, which a
@@ -29,6 +33,8 @@ import math
 from typing import NamedTuple
 
 import torch
+
+from papo_kernels import _gemm
 
 DEFAULT_CHUNK_TOKENS = 1024
 DEFAULT_CHUNK_VOCAB = 8192
@@ -74,9 +80,16 @@ def row_masks(targets: torch.Tensor, vocab_size: int, ignore_index: int):
     return valid, bad
 
 
+def _gemm_dtype(hidden: torch.Tensor, acc: torch.dtype) -> torch.dtype:
+    """The operand dtype of the GEMMs: the hidden dtype where fp32-output half GEMMs run
+    (CUDA), else the compute dtype (operands upcast)."""
+    return hidden.dtype if _gemm.half_gemm_supported(hidden) else acc
+
+
 def _tile_logits(h: torch.Tensor, w_tile: torch.Tensor, temperature: float) -> torch.Tensor:
-    """z tile = h W_tile^T / T in the compute dtype of h (h is already upcast)."""
-    z = h @ w_tile.to(h.dtype).T
+    """z tile = h W_tile^T / T in fp32 (float64 for float64): h is upcast already, or half
+    where the GEMM has fp32 outputs."""
+    z = _gemm.mm_f32(h, w_tile.to(h.dtype).T)
     return z if temperature == 1.0 else z.div_(temperature)
 
 
@@ -115,8 +128,9 @@ class _Online:
 def _chunk_forward(h_a, h_b, weight, targets, temperature, chunk_vocab, acc):
     """Phase 1 for one chunk of rows: returns raw (unmasked) statistics."""
     rows, vocab = h_a.shape[0], weight.shape[0]
-    ha = h_a.to(acc)
-    hb = None if h_b is None else h_b.to(acc)
+    gemm_dtype = _gemm_dtype(h_a, acc)
+    ha = h_a.to(gemm_dtype)
+    hb = None if h_b is None else h_b.to(gemm_dtype)
     on_a = _Online(rows, acc, ha.device)
     on_b = None if hb is None else _Online(rows, acc, ha.device)
     z_target = torch.zeros(rows, dtype=acc, device=ha.device)
@@ -248,13 +262,15 @@ def backward_grads(
         return dh_a, dh_b
     valid, bad = row_masks(targets, vocab, ignore_index)
     zero = torch.zeros((), dtype=acc, device=hidden_a.device)
+    gemm_dtype = _gemm_dtype(hidden_a, acc)
+    zero_g = torch.zeros((), dtype=gemm_dtype, device=hidden_a.device)
     inv_t = 1.0 / temperature
     for r0 in range(0, n, chunk_tokens):
         r1 = min(r0 + chunk_tokens, n)
         # Ignored rows may hold anything (even NaN): zero them so 0 * NaN never reaches dW.
         rv = valid[r0:r1, None]
-        ha = torch.where(rv, hidden_a[r0:r1].to(acc), zero)
-        hb = torch.where(rv, hidden_b[r0:r1].to(acc), zero) if two_view else None
+        ha = torch.where(rv, hidden_a[r0:r1].to(gemm_dtype), zero_g)
+        hb = torch.where(rv, hidden_b[r0:r1].to(gemm_dtype), zero_g) if two_view else None
         t = targets[r0:r1]
         g = RowGrads(*(_chunk_grad(x, r0, r1, valid, bad, acc) for x in grads))
         need_b_tile = two_view and (g.kl_ab is not None or g.kl_ba is not None or need_dz_b)
@@ -265,11 +281,11 @@ def backward_grads(
             ent_b = stats.entropy_b[r0:r1, None]
             kl_ab = stats.kl_ab[r0:r1, None]
             kl_ba = stats.kl_ba[r0:r1, None]
-        dha = torch.zeros_like(ha) if need_hidden_a else None
-        dhb = torch.zeros_like(hb) if (dh_b is not None) else None
+        dha = torch.zeros(ha.shape, dtype=acc, device=ha.device) if need_hidden_a else None
+        dhb = torch.zeros(hb.shape, dtype=acc, device=hb.device) if (dh_b is not None) else None
         for v0 in range(0, vocab, chunk_vocab):
             v1 = min(v0 + chunk_vocab, vocab)
-            w_tile = weight[v0:v1].to(acc)
+            w_tile = weight[v0:v1].to(gemm_dtype)
             in_tile = (t >= v0) & (t < v1)
             local = (t - v0).clamp(0, v1 - v0 - 1)[:, None]
             lp_a = _tile_logits(ha, w_tile, temperature).sub_(lse_a)
@@ -300,16 +316,19 @@ def backward_grads(
                         dz_b += g.kl_ab[:, None] * (p_b - p_a)
                     if g.kl_ba is not None:
                         dz_b += g.kl_ba[:, None] * p_b * (lp_b - lp_a - kl_ba)
-            # In-place GEMM accumulation: no [C, H] or [v, H] temporaries.
+            # In-place GEMM accumulation: no [C, H] or [v, H] temporaries. Half GEMM operands
+            # (CUDA): dZ is rounded once to the hidden dtype, products stay fp32.
+            dz_a = dz_a.to(gemm_dtype)
+            dz_b = None if dz_b is None else dz_b.to(gemm_dtype)
             if dha is not None:
-                dha.addmm_(dz_a, w_tile)
+                _gemm.addmm_f32_(dha, dz_a, w_tile)
             if dhb is not None:
-                dhb.addmm_(dz_b, w_tile)
+                _gemm.addmm_f32_(dhb, dz_b, w_tile)
             if need_dw:
                 acc_tile = weight_grad_acc[v0:v1]
-                acc_tile.addmm_(dz_a.T, ha, alpha=inv_t)
+                _gemm.addmm_f32_(acc_tile, dz_a.T, ha, alpha=inv_t)
                 if dz_b is not None and not hidden_b_is_constant:
-                    acc_tile.addmm_(dz_b.T, hb, alpha=inv_t)
+                    _gemm.addmm_f32_(acc_tile, dz_b.T, hb, alpha=inv_t)
         if dh_a is not None:
             dh_a[r0:r1] = dha * inv_t
         if dh_b is not None:

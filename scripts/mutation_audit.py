@@ -10,6 +10,7 @@ mutation edits:
     python scripts/mutation_audit.py --list           # names and what each one plants
     python scripts/mutation_audit.py --only zero3-gradient-scale,masking-no-blackening
     python scripts/mutation_audit.py --clean          # first check the named tests pass unmutated
+    python scripts/mutation_audit.py --check          # only check that every snippet still matches
 
 Exit status 0 when every mutation was caught. A snippet that no longer matches the code is
 reported as "stale" (the mutation must be updated with the code it plants a bug in).
@@ -64,9 +65,6 @@ MUTATIONS = [
         "    if dh_a is not None and dh_a.dtype == torch.bfloat16:\n        dh_a.mul_(1.01)\n"
         "    return dh_a, dh_b")],
       TRITON, "-k", "bfloat16 and 37x40x300 and (token_stats or two_view_stats) and 1.0"),
-    M("fused-atomics-instead-of-ownership", "the fused strategy's gradients by atomics by default",
-      [("papo_kernels/kernels/fused.py", "    if _config.fused_atomics_enabled():", "    if True:")],
-      f"{TRITON}::test_fused_ownership_is_bitwise_reproducible"),
     M("fused-loss-sweeps-without-grad", "the gradient sweep runs when no input requires grad",
       [("papo_kernels/autograd.py", "need_any = need_a or need_b or need_w", "need_any = True"),
        ("papo_kernels/autograd.py", "dh_a = torch.zeros_like(hidden_a) if need_a else None",
@@ -99,8 +97,8 @@ MUTATIONS = [
     # ------------------------------------------------------------------ benchmarks
     M("bench-cpp-falls-back-to-torch", "the cpp provider silently runs the torch backend when cpp is missing",
       [("benchmarks/providers.py", "raise Unavailable(str(exc)) from None\n", "pass\n"),
-       ("benchmarks/providers.py", "        kw = dict(backend=backend, strategy=strategy)",
-        '        kw = dict(backend="torch" if backend == "cpp" else backend, strategy=strategy)')],
+       ("benchmarks/providers.py", "kw = dict(backend=backend, strategy=strategy)",
+        'kw = dict(backend="torch" if backend == "cpp" else backend, strategy=strategy)')],
       "tests/test_benchmarks_loss.py::test_unavailable_providers_are_cells_not_crashes"),
     M("step-benchmark-infinite-loss", "the step benchmark returns an infinite loss",
       [("benchmarks/step.py", "        return float(out.loss.detach())", '        return float("inf")')],
@@ -208,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated mutation names")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--clean", action="store_true", help="first run each mutation's tests unmutated")
+    parser.add_argument("--check", action="store_true", help="only check that every snippet still matches")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per test run")
     args = parser.parse_args(argv)
     chosen = MUTATIONS
@@ -221,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.name:42} {m.what}\n{'':42} tests: {' '.join(m.tests)}")
         return 0
+    if args.check:
+        stale = [(m.name, rel, (ROOT / rel).read_text().count(old)) for m in chosen for rel, old, _ in m.edits
+                 if (ROOT / rel).read_text().count(old) != 1]
+        for name, rel, count in stale:
+            print(f"{name}: {rel}: snippet found {count} times")
+        print(f"{len(chosen) - len({n for n, _, _ in stale})}/{len(chosen)} mutations apply")
+        return 1 if stale else 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="papo-mutation-") as tmp:
         tree = Path(tmp)

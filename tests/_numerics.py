@@ -1,4 +1,4 @@
-"""Tolerance helper (CONVENTIONS.md #10): a kernel may be off by at most k times the error of
+"""Tolerance helper: a kernel may be off by at most k times the error of
 the same computation done naively in the test dtype, plus a per-dtype floor."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import os
 import re
 
 # Must happen before anything imports triton: without an NVIDIA device, Triton kernels can only
-# run under the interpreter (the Triton CPU interpreter must be chosen before triton loads).
+# run under the interpreter (docs/design.md "Backends and dispatch").
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -1,4 +1,4 @@
-"""fp32 accuracy of the exact KL and entropy at every magnitude (DESIGN.md "Numerical rules"),
+"""fp32 accuracy of the exact KL and entropy at every magnitude (docs/design.md "Numerical rules"),
 including the real Qwen2.5-VL-7B vocabulary size."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Input validation, dispatch and the edge cases of DESIGN.md's contract."""
+"""Input validation, dispatch and the edge cases of docs/design.md's contract."""
 
 from __future__ import annotations
 

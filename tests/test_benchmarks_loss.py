@@ -47,7 +47,9 @@ def test_registry():
     assert HEADS["qwen2.5-vl-7b"].vocab == 152_064 and HEADS["qwen2.5-vl-7b"].hidden == 3584
     assert SHAPES["cpu"].tokens == (2048,) and SHAPES["cpu"].head.vocab == 32_768
     assert {"eager", "compile", "floor", "liger", "cce", "verl", "torch:fused", "triton:fused:workspace",
-            "cpp:stats:fused"} <= set(P.PROVIDERS)
+            "triton:fused:workspace:v1", "triton:fused:workspace:ring2s", "triton:stats:inregister",
+            "cpp:stats", "cpp:fused"} <= set(P.PROVIDERS)
+    assert not any(name.endswith(":fused:fused") for name in P.PROVIDERS)  # the retired strategy
     # 6HV per token and view with grad; 2HV for a forward or a detached view
     assert P.useful_flops("two_view", "fwd_bwd", 1, 1, 1) == 12
     assert P.useful_flops("two_view", "fwd_bwd", 1, 1, 1, b_requires_grad=False) == 8
@@ -114,16 +116,17 @@ def test_unavailable_providers_are_cells_not_crashes(tmp_path):
     cells = L.main(["--shape", "cpu-odd", "--reps", "1", "--no-isolate", "--out-dir", str(tmp_path),
                     "--workloads", "two_view/fwd_bwd,token_stats/fwd",
                     "--providers", "eager,torch:stats,torch:fused,triton:fused:workspace,"
-                                   "triton:stats:fused,cpp:fused:fused,verl,floor"])
+                                   "triton:fused:workspace:v1,cpp:fused,verl,floor"])
     by = {(c["op"], c["provider"]): c for c in cells}
     assert by[("two_view", "triton:fused:workspace")]["status"] == "unavailable"
     assert "gpu-only" in by[("two_view", "triton:fused:workspace")]["reason"]
     assert by[("token_stats", "verl")]["status"] == "unavailable"
     # the cell tells whether the extension is built here: never a silent fallback to another backend
     cpp_built = "cpp" in pk.available_backends("cpu")
-    assert by[("two_view", "cpp:fused:fused")]["status"] == ("ok" if cpp_built else "unavailable")
+    assert by[("two_view", "cpp:fused")]["status"] == ("ok" if cpp_built else "unavailable")
     if not cpp_built:
-        assert "backend='cpp' is not available" in by[("two_view", "cpp:fused:fused")]["reason"]
+        assert "backend='cpp' is not available" in by[("two_view", "cpp:fused")]["reason"]
+    assert by[("two_view", "triton:fused:workspace:v1")]["status"] == "unavailable"
     assert ("two_view", "verl") not in by  # verl has no two-view workload
     for name in ("eager", "torch:stats", "torch:fused", "floor"):
         c = by[("two_view", name)]

@@ -1,4 +1,4 @@
-"""torch.compile through the custom ops, and the KL direction facts of DESIGN.md checked by
+"""torch.compile through the custom ops, and the KL direction facts of docs/algorithm.md checked by
 exhaustive expectation on a tiny categorical distribution."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def test_grpo_hand_values():
 
 
 def _official_grpo(scores, index, eps=1e-6):
-    """core_algos.compute_grpo_outcome_advantage (PAPO_SPEC 1.2), per-group loop."""
+    """core_algos.compute_grpo_outcome_advantage (docs/algorithm.md), per-group loop."""
     by_id = {}
     for i, uid in enumerate(index):
         by_id.setdefault(uid, []).append(scores[i])

@@ -112,7 +112,7 @@ def _official_masked_mean(values, mask, eps=1e-8):
 
 
 def _official_micro_batch_loss(lp, old, lp_mask, lp_ref, adv, mask, c, grad_accum):
-    """dp_actor.update_policy + core_algos (PAPO_SPEC 1.2), written from the spec's text."""
+    """dp_actor.update_policy + core_algos, written from the text of docs/algorithm.md."""
     advantages = adv.unsqueeze(-1) * mask  # compute_grpo_outcome_advantage returns scores * mask
     negative_approx_kl = lp - old
     ratio = torch.exp(torch.clamp(negative_approx_kl, -20.0, 20.0))

@@ -20,7 +20,7 @@ def _noise_image(width, height, mode="RGB", seed=0):
 
 
 def _official_random_patch_blackening(pil_img, patch_size=14, black_prob=0.5):
-    """The official function (PAPO_SPEC section 2), drawing from NumPy's global state."""
+    """The official function (docs/algorithm.md, "Masking"), drawing from NumPy's global state."""
     img = np.array(pil_img).astype(np.float32)
     h, w = img.shape[:2]
     for y in range(0, h, patch_size):

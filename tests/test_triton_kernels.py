@@ -1,4 +1,5 @@
-"""backend="triton" against backend="torch" and a dense float64 oracle, both strategies.
+"""backend="triton" against backend="torch" and a dense float64 oracle (the workspace strategy;
+the dZ ring's own cases are in test_workspace_ring.py).
 
 On machines without an NVIDIA device the kernels run under the Triton interpreter
 (TRITON_INTERPRET=1, set by conftest.py before triton is imported) with small shapes. The
@@ -31,9 +32,9 @@ if "triton" not in pk.available_backends(DEVICE):
 from papo_kernels import kernels as K  # noqa: E402
 from papo_kernels import reference  # noqa: E402
 from papo_kernels.kernels import _config  # noqa: E402
-from papo_kernels.reference import RowGrads  # noqa: E402
+from papo_kernels.reference import RowGrads, RowStats  # noqa: E402
 
-STRATEGIES = ("workspace", "fused")
+STRATEGIES = ("workspace",)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TWO_VIEW_OUTPUTS = ("logp_a", "logp_b", "entropy_a", "entropy_b", "kl_ab", "kl_ba")
 TOKEN_OUTPUTS = ("logp", "entropy")
@@ -244,14 +245,11 @@ def test_fused_two_view_loss(strategy, dtype, b_live):
 
 
 def test_fused_loss_without_grad_skips_the_sweep(monkeypatch):
-    from papo_kernels.kernels import fused, workspace
+    from papo_kernels.kernels import workspace
 
-    monkeypatch.setenv("PAPO_FUSED_ATOMICS", "0")
-    calls = []  # every gradient kernel launch of both strategies
-    for module, name in ((workspace, "workspace_dz"), (fused, "fused_dh"), (fused, "fused_dw"),
-                         (fused, "fused_atomic")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    calls = []  # every launch of the gradient epilogue (dZ), which the gradient GEMMs consume
+    real = workspace.workspace_dz
+    monkeypatch.setattr(workspace, "workspace_dz", lambda *a, **k: calls.append(1) or real(*a, **k))
     ha, hb, w, t = make_inputs(9, 16, 100, torch.float32)
     fn = _loss_fn(_coefs(9, 6), TWO_VIEW_OUTPUTS)
     for strategy in STRATEGIES:
@@ -263,7 +261,7 @@ def test_fused_loss_without_grad_skips_the_sweep(monkeypatch):
     for strategy in STRATEGIES:  # with a gradient to compute, the same spies see the sweep
         leaf = ha.clone().requires_grad_(True)
         pk.fused_two_view_loss(leaf, hb, w, t, fn, backend="triton", strategy=strategy)
-    assert {"workspace_dz", "fused_dh"} <= set(calls), calls
+    assert calls, "the spy does not see the gradient sweep"
 
 
 # ---------------------------------------------------------------- contract edge cases
@@ -380,10 +378,14 @@ def test_float64_falls_back_to_the_reference():
             assert x.dtype == torch.float64 and torch.equal(x, x_r)
 
 
-def test_unknown_strategy_raises():
+def test_unknown_and_retired_strategies_raise():
     ha, hb, w, t = make_inputs(3, 8, 20, torch.float32)
     with pytest.raises(ValueError, match="strategy must be one of"):
         K.forward_stats(ha, hb, w, t, strategy="fastest")
+    for call in (lambda: K.forward_stats(ha, hb, w, t, strategy="fused"),
+                 lambda: pk.two_view_stats(ha, hb, w, t, backend="triton", strategy="fused")):
+        with pytest.raises(ValueError, match="strategy='fused' was retired: .*104x"):
+            call()
 
 
 def test_weight_grad_acc_is_added_into():
@@ -406,49 +408,52 @@ def test_weight_grad_acc_is_added_into():
 
 
 _SMALL = dict(
-    workspace_stats=_config.LaunchConfig(BLOCK_N=16, BLOCK_V=64),
+    workspace_stats=_config.LaunchConfig(BLOCK_N=16, BLOCK_V=32, splits=5),
     workspace_dz=_config.LaunchConfig(BLOCK_N=16, BLOCK_V=64),
-    fused_stats=_config.LaunchConfig(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, splits=5),
     stats_combine=_config.LaunchConfig(BLOCK_N=16, BLOCK_V=16),
-    fused_dh=_config.LaunchConfig(BLOCK_N=16, BLOCK_V=64, BLOCK_D=16, max_programs=1),
-    fused_dw=_config.LaunchConfig(BLOCK_N=16, BLOCK_V=64, BLOCK_D=16),
-    fused_atomic=_config.LaunchConfig(BLOCK_N=16, BLOCK_V=64, BLOCK_D=16),
 )
 
 
-# atomics only apply to the fused strategy
-@pytest.mark.parametrize("strategy,atomics", [("workspace", False), ("fused", False), ("fused", True)],
-                         ids=["workspace", "fused-ownership", "fused-atomics"])
-def test_many_tiles_splits_and_chunks(strategy, atomics, monkeypatch):
-    """Small tiles: several row, vocabulary and H tiles; 7 vocabulary tiles in 5 splits of 2
-    (the last one empty) merged by the combine kernel; one persistent dh program reusing its
-    scratch for every row tile; workspace chunks of 16 rows (the last one partial)."""
-    monkeypatch.setenv("PAPO_FUSED_ATOMICS", "1" if atomics else "0")
+def test_many_tiles_splits_and_chunks():
+    """Small tiles: several row and vocabulary tiles; 7 vocabulary tiles in 5 splits of 2 (the
+    last one empty) merged by the combine kernel; workspace chunks of 16 rows (the last one
+    partial)."""
     ha, hb, w, t = make_inputs(37, 40, 203, torch.float32, ignored=(6,))
     with _config.override_configs(**_SMALL):
-        s, *g = _backend_grads("triton", strategy, ha, hb, w, t, chunk_tokens=16)
-    s_r, *g_r = _backend_grads("torch", strategy, ha, hb, w, t)
+        s, *g = _backend_grads("triton", "workspace", ha, hb, w, t, chunk_tokens=16)
+    s_r, *g_r = _backend_grads("torch", "workspace", ha, hb, w, t)
     for name, x, x_r in zip(TWO_VIEW_OUTPUTS, s, s_r):
         assert torch.allclose(x, x_r, atol=STAT_ATOL, rtol=0), name
     for name, x, x_r in zip(("dh_a", "dh_b", "dw"), g, g_r):
         assert torch.allclose(x, x_r, atol=1e-5, rtol=1e-5), name
 
 
-def test_fused_ownership_is_bitwise_reproducible(monkeypatch):
-    """Bitwise equality across runs can only fail on a GPU (the interpreter runs programs one
-    after another, so atomics are reproducible there too); everywhere, the deterministic
-    ownership kernels must be the ones that ran."""
-    from papo_kernels.kernels import fused
-
-    monkeypatch.setenv("PAPO_FUSED_ATOMICS", "0")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_inregister_forward(dtype, monkeypatch):
+    """The in-register forward (PAPO_INREGISTER_FORWARD=1, kept for the GPU comparison of the
+    no-grad statistics): one split, and 7 vocabulary tiles in 5 splits merged by the combine kernel."""
+    n, h, v = 37, 40, 203
+    ha, hb, w, t = make_inputs(n, h, v, dtype, ignored=(6,))
+    ref = reference.forward_stats(ha, hb, w, t, temperature=0.7)
     calls = []
-    for name in ("fused_dh", "fused_dw", "fused_atomic"):
-        real = getattr(fused, name)
-        monkeypatch.setattr(fused, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    real = K.inregister_stats
+    monkeypatch.setattr(K, "inregister_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    small = _config.LaunchConfig(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, splits=5)
+    for configs in ({}, dict(inregister_stats=small, stats_combine=_SMALL["stats_combine"])):
+        with _config.override_workspace(inregister_forward=True), _config.override_configs(**configs):
+            got = K.forward_stats(ha, hb, w, t, temperature=0.7)
+        for name, x, x_r in zip(RowStats._fields, got, ref):
+            assert torch.allclose(x, x_r, atol=STAT_ATOL, rtol=0), (name, configs)
+        assert got.logp_a[6].item() == 0.0
+    assert len(calls) == 2
+    K.forward_stats(ha, hb, w, t)  # the switch is off again: the workspace forward
+    assert len(calls) == 2
+
+
+def test_workspace_is_bitwise_reproducible():
     ha, hb, w, t = make_inputs(21, 24, 150, torch.float32)
-    first = _backend_grads("triton", "fused", ha, hb, w, t)
-    second = _backend_grads("triton", "fused", ha, hb, w, t)
-    assert sorted(set(calls)) == ["fused_dh", "fused_dw"], calls
+    first = _backend_grads("triton", "workspace", ha, hb, w, t, chunk_tokens=8)
+    second = _backend_grads("triton", "workspace", ha, hb, w, t, chunk_tokens=8)
     for x, y in zip(first[1:], second[1:]):
         assert torch.equal(x, y)
 
@@ -461,9 +466,9 @@ def test_config_overrides_and_validation():
             pass
     cfg = _config.LaunchConfig(16, 32, 16)
     dev = torch.device(DEVICE)
-    with _config.override_configs(fused_dw=cfg):
-        assert _config.get_config("fused_dw", dev, torch.float32, 10, 10, 10) is cfg
-    assert _config.get_config("fused_dw", dev, torch.float32, 10, 10, 10) is not cfg
+    with _config.override_configs(workspace_dz=cfg):
+        assert _config.get_config("workspace_dz", dev, torch.float32, 10, 10, 10) is cfg
+    assert _config.get_config("workspace_dz", dev, torch.float32, 10, 10, 10) is not cfg
 
 
 def test_environment_switches(monkeypatch):
@@ -471,17 +476,39 @@ def test_environment_switches(monkeypatch):
     assert _config.autotune_enabled() == (not _config.is_interpreting())
     monkeypatch.setenv("PAPO_WORKSPACE_MB", "3")
     assert _config.workspace_bytes() == 3 << 20
-    monkeypatch.setenv("PAPO_FUSED_ATOMICS", "true")
-    assert _config.fused_atomics_enabled()
+    monkeypatch.setenv("PAPO_DW_RING_ROWS", "1000")
+    assert _config.ring_rows(torch.bfloat16) == 1000 and _config.ring_rows(torch.float32) == 1000
+    monkeypatch.delenv("PAPO_DW_RING_ROWS")
+    assert _config.ring_rows(torch.bfloat16) == _config.DEFAULT_RING_ROWS
+    assert _config.ring_rows(torch.float32) == 0  # fp32: one chunk
+    monkeypatch.setenv("PAPO_WORKSPACE_VARIANT", "v1")
+    assert _config.workspace_variant() == "v1"
+    with _config.override_workspace(variant="ring2s", ring_rows=7, workspace_mb=5, inregister_forward=True):
+        assert _config.workspace_variant() == "ring2s" and _config.ring_rows(torch.float32) == 7
+        assert _config.workspace_bytes() == 5 << 20 and _config.inregister_forward_enabled()
+    assert _config.workspace_variant() == "v1" and not _config.inregister_forward_enabled()
+    monkeypatch.setenv("PAPO_INREGISTER_FORWARD", "1")
+    assert _config.inregister_forward_enabled()
+    for name, bad in (("PAPO_WORKSPACE_VARIANT", "fast"), ("PAPO_DW_RING_ROWS", "-3"),
+                      ("PAPO_WORKSPACE_MB", "lots")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            _config.workspace_variant(), _config.ring_rows(torch.bfloat16), _config.workspace_bytes()
+        monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match="ring_rows must be a positive int"):
+        with _config.override_workspace(ring_rows=0):
+            pass
 
 
 def test_workspace_chunk_rows_respect_the_bound(monkeypatch):
     from papo_kernels.kernels.workspace import chunk_rows
 
-    monkeypatch.setenv("PAPO_WORKSPACE_MB", "1024")
-    # Qwen2.5-VL-7B: two views, bf16 GEMMs (4 + 2 bytes per logit), V = 152,064.
+    monkeypatch.setenv("PAPO_WORKSPACE_MB", "512")
+    # Qwen2.5-VL-7B: two views, fp32 logits, V = 152,064: 384 rows per view.
     c = chunk_rows(16384, 152_064, 2, torch.bfloat16, None)
-    assert c % 64 == 0 and 2 * c * 152_064 * 6 <= 1 << 30
+    assert c == 384 and 2 * c * 152_064 * 4 <= 512 << 20
+    # the 2026-11-25 path: logits + bf16 dZ copy within 1 GiB: the 576-row chunks measured then
+    assert chunk_rows(16384, 152_064, 2, torch.bfloat16, None, variant="v1") == 576
     assert chunk_rows(10, 152_064, 2, torch.bfloat16, None) == 10
     assert chunk_rows(1000, 50, 2, torch.float32, 128) == 128
 
@@ -514,17 +541,17 @@ def test_import_without_gpu_or_interpreter_never_fails():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("atomics", [False, True], ids=["ownership", "atomics"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_gpu_bf16_default_configs(strategy, atomics, monkeypatch):
-    """The compiled bf16 path with the default GPU configs at a shape with a vocabulary tail."""
+@pytest.mark.parametrize("variant", _config.WORKSPACE_VARIANTS)
+def test_gpu_bf16_default_configs(variant):
+    """The compiled bf16 path with the default GPU configs at a shape with a vocabulary tail,
+    every workspace variant (the ring's flushes on a second stream included)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    monkeypatch.setenv("PAPO_FUSED_ATOMICS", "1" if atomics else "0")
     n, h, v = 300, 256, 5003
     ha, hb, w, t = make_inputs(n, h, v, torch.bfloat16, ignored=(0, 99), device="cuda")
-    s, *g = _backend_grads("triton", strategy, ha, hb, w, t)
-    s_r, *g_r = _backend_grads("torch", strategy, ha, hb, w, t)
+    with _config.override_workspace(variant=variant, ring_rows=160):
+        s, *g = _backend_grads("triton", "workspace", ha, hb, w, t, chunk_tokens=64)
+    s_r, *g_r = _backend_grads("torch", "workspace", ha, hb, w, t)
     a, b, wl = _leaves((ha.double().cpu(), hb.double().cpu(), w.double().cpu()), (True, True, True))
     d = dense64(a, b, wl, t.cpu(), 1.0)
     _weighted([d[k] for k in TWO_VIEW_OUTPUTS], TWO_VIEW_OUTPUTS, _coefs(n, 6)).backward()
@@ -539,17 +566,23 @@ def test_gpu_bf16_default_configs(strategy, atomics, monkeypatch):
 
 def test_workspace_fused_loss_computes_each_logit_chunk_once(monkeypatch):
     """The fused calls reuse the workspace logits for dZ: one logit GEMM per chunk, not two."""
-    from papo_kernels.kernels import workspace
+    from papo_kernels import _gemm
 
     calls = []
-    real = workspace._mm_f32
-    monkeypatch.setattr(workspace, "_mm_f32", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = _gemm.mm_f32
+
+    def counting(a, b, out=None):
+        calls.append(b.shape[1])  # output columns: V for a logit GEMM, H for a dh GEMM
+        return real(a, b, out=out)
+
+    monkeypatch.setattr(_gemm, "mm_f32", counting)
     ha, hb, w, t = make_inputs(40, 16, 200, torch.float32, ignored=(3,))
     a, wl = _leaves((ha, w), (True, True))
     fn = _loss_fn(_coefs(40, 6), TWO_VIEW_OUTPUTS)
-    loss, _ = pk.fused_two_view_loss(a, hb, wl, t, fn, backend="triton", strategy="workspace", chunk_tokens=16)
+    loss, _ = pk.fused_two_view_loss(a, hb, wl, t, fn, backend="triton", strategy="workspace",
+                                     chunk_tokens=16)
     loss.backward()
-    assert len(calls) == 3  # ceil(40 / 16) chunks
+    assert calls.count(200) == 3  # ceil(40 / 16) chunks, one logit GEMM each
     a2, wl2 = _leaves((ha, w), (True, True))
     ref, _ = pk.fused_two_view_loss(a2, hb, wl2, t, fn, backend="torch")
     ref.backward()

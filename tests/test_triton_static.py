@@ -1,12 +1,18 @@
-"""Static GPU check without a GPU: every default launch config of every Triton kernel compiles for
-sm_90a and sm_80, with no register spill and shared memory within the architecture's limit.
+"""Static GPU check without a GPU: every default launch config of every Triton kernel the
+workspace path (and the in-register forward kept for comparison) uses compiles for sm_90a and
+sm_80 with no register spill, no local memory, shared memory within the architecture's limit,
+the instructions we count on in its SASS: every tl.dot on tensor cores (wgmma, `HGMMA`, on
+sm_90a; `HMMA` on sm_80) for half inputs, and 16-byte loads of the fp32 logits in the
+memory-bound epilogues.
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` builds PTX and a cubin on a
 CPU-only machine; the ptxas shipped inside the triton package, run with -v, reports registers,
-spills and barriers; Triton's own metadata gives the dynamic shared memory. Each kernel is
-compiled in its heaviest variant (two views, every upstream gradient, T != 1) for bf16 and fp32
-inputs. The compile runs in a subprocess without TRITON_INTERPRET (the test process has the
-interpreter on). Run `python tests/test_triton_static.py` for the table alone.
+spills and barriers; Triton's own metadata gives the dynamic shared memory, its cuobjdump the
+SASS. Each kernel is compiled in its heaviest variant (two views, every upstream gradient,
+T != 1) for bf16 and fp32 inputs, with the integer arguments divisible by 16 as Triton
+specializes them at the real shapes (H 3584, V 152,064, chunks of 384 rows). The compile runs in
+a subprocess without TRITON_INTERPRET (the test process has the interpreter on). Run
+`python tests/test_triton_static.py` for the table alone.
 """
 
 from __future__ import annotations
@@ -31,38 +37,33 @@ _INT_ARGS = {"N", "V", "H", "SPLITS"}
 
 
 def _variants():
-    """Heaviest variant of every kernel per input dtype: (label, kernel, config name, dtype,
-    pointer dtypes other than fp32, absent (None) pointers, constexprs)."""
-    from papo_kernels.kernels import (
-        grad_fused_atomic,
-        grad_fused_dh,
-        grad_fused_dw,
-        grad_workspace,
-        stats_fused,
-        stats_workspace,
-    )
+    """Every kernel the workspace path and the in-register forward use, in its heaviest variant
+    (two views, every upstream gradient, T != 1): (label, kernel, config name, dtype, pointer
+    dtypes other than fp32, absent (None) pointers, constexprs). The statistics and combine
+    kernels read fp32 logits whatever the input dtype, so they are compiled once."""
+    from papo_kernels.kernels import grad_workspace, stats_combine, stats_inregister, stats_workspace
 
-    out = []
+    finals = {"LOGP_A", "ENT_A", "LSE_A", "LOGP_B", "ENT_B", "LSE_B", "KL_AB", "KL_BA"}
+    out = [
+        ("workspace_stats/split", stats_workspace._workspace_stats_kernel, "workspace_stats", "fp32",
+         {}, finals, dict(TEMPERATURE=0.7, LANE_SUMS=True)),
+        ("workspace_stats", stats_workspace._workspace_stats_kernel, "workspace_stats", "fp32",
+         {}, {"PART"}, dict(TEMPERATURE=0.7, LANE_SUMS=True)),
+        ("workspace_stats_v1", stats_workspace._workspace_stats_kernel, "workspace_stats_v1", "fp32",
+         {}, {"PART"}, dict(TEMPERATURE=0.7, LANE_SUMS=False)),
+        ("stats_combine", stats_combine._stats_combine_kernel, "stats_combine", "fp32",
+         {}, set(), dict(TWO_VIEW=True)),
+    ]
     for dtype in ("bf16", "fp32"):
-        gemm = dtype  # dZ of the workspace is written in the GEMM (= input) dtype on GPUs
         common = dict(TEMPERATURE=0.7, UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
         out += [
-            ("workspace_stats", stats_workspace._workspace_stats_kernel, "workspace_stats", dtype,
-             {}, set(), dict(TEMPERATURE=0.7)),
+            # dZ of the workspace is written in the GEMM (= input) dtype on GPUs
             ("workspace_dz", grad_workspace._workspace_dz_kernel, "workspace_dz", dtype,
-             {"DZA": gemm, "DZB": gemm}, set(), dict(TEMPERATURE=0.7)),
-            ("fused_stats", stats_fused._fused_stats_kernel, "fused_stats", dtype,
+             {"DZA": dtype, "DZB": dtype}, set(), dict(TEMPERATURE=0.7)),
+            ("inregister_stats", stats_inregister._inregister_stats_kernel, "inregister_stats", dtype,
              {}, {"PART"}, common),
-            ("fused_stats/split", stats_fused._fused_stats_kernel, "fused_stats", dtype,
-             {}, {"LOGP_A", "ENT_A", "LSE_A", "LOGP_B", "ENT_B", "LSE_B", "KL_AB", "KL_BA"}, common),
-            ("stats_combine", stats_fused._stats_combine_kernel, "stats_combine", dtype,
-             {}, set(), dict(TWO_VIEW=True)),
-            ("fused_dh", grad_fused_dh._fused_dh_kernel, "fused_dh", dtype,
-             {"DH_A": dtype, "DH_B": dtype}, set(), common),
-            ("fused_dw", grad_fused_dw._fused_dw_kernel, "fused_dw", dtype,
-             {}, set(), dict(common, B_IN_DW=True)),
-            ("fused_atomic", grad_fused_atomic._fused_atomic_kernel, "fused_atomic", dtype,
-             {}, set(), dict(common, B_IN_DW=True)),
+            ("inregister_stats/split", stats_inregister._inregister_stats_kernel, "inregister_stats", dtype,
+             {}, finals, common),
         ]
     return out
 
@@ -132,14 +133,20 @@ def compile_variant(variant, cc: int, cfg) -> dict:
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
-            if name.startswith("stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]  # H = 3584, V = 152,064 rows
+            if name.startswith("stride") or name in ("N", "V", "H"):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # H = 3584, V = 152,064, C = 384
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                         options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     rep = _ptxas_report(ck.asm["ptx"], ARCHS[cc])
+    sass = ck.asm["sass"]
     rep.update(kernel=label, dtype=dtype, arch=ARCHS[cc], shared=int(ck.metadata.shared),
-               config=f"{cfg.BLOCK_N}x{cfg.BLOCK_V}x{cfg.BLOCK_D} w{cfg.num_warps} s{cfg.num_stages}")
+               config=f"{cfg.BLOCK_N}x{cfg.BLOCK_V}x{cfg.BLOCK_D} w{cfg.num_warps} s{cfg.num_stages}",
+               dots=len(re.findall(r"\btt\.dot\b", ck.asm["ttir"])),
+               wgmma_dots=len(re.findall(r"\bttng\.warp_group_dot\b", ck.asm["ttgir"])),
+               hgmma=len(re.findall(r"\bHGMMA\b", sass)), hmma=len(re.findall(r"\bHMMA\b", sass)),
+               ldg128=len(re.findall(r"\bLDG\.E\.128\b", sass)),
+               local=len(re.findall(r"\b(?:LDL|STL)\b", sass)))
     return rep
 
 
@@ -159,11 +166,17 @@ def compile_all() -> list[dict]:
 
 
 def _table(results) -> str:
-    lines = [f"{'kernel':18} {'dtype':5} {'arch':7} {'config':20} {'regs':>4} {'spill':>5} {'smem':>7}"]
+    lines = [f"{'kernel':24} {'dtype':5} {'arch':7} {'config':20} {'regs':>4} {'spill':>5} {'smem':>7} "
+             f"{'dots':>4} {'wgmma':>5} {'HGMMA':>5} {'HMMA':>5} {'LDG128':>6}"]
     for r in results:
-        lines.append(f"{r['kernel']:18} {r['dtype']:5} {r['arch']:7} {r['config']:20} {r['registers']:4d} "
-                     f"{r['spill_stores'] + r['spill_loads']:5d} {r['shared']:7d}")
+        lines.append(f"{r['kernel']:24} {r['dtype']:5} {r['arch']:7} {r['config']:20} {r['registers']:4d} "
+                     f"{r['spill_stores'] + r['spill_loads']:5d} {r['shared']:7d} {r['dots']:4d} "
+                     f"{r['wgmma_dots']:5d} {r['hgmma']:5d} {r['hmma']:5d} {r['ldg128']:6d}")
     return "\n".join(lines)
+
+
+# Kernels whose hot loop streams the fp32 logit workspace: their loads must be 16 bytes wide.
+_STREAMING = ("workspace_stats", "workspace_stats/split", "workspace_stats_v1", "workspace_dz")
 
 
 def test_default_configs_compile_for_sm90a_and_sm80_without_spills():
@@ -176,13 +189,22 @@ def test_default_configs_compile_for_sm90a_and_sm80_without_spills():
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     print("\n" + _table(results))
-    assert len(results) == 2 * len(ARCHS) * 8
+    assert len(results) == len(ARCHS) * len(_variants())
     for r in results:
         where = f"{r['kernel']} {r['dtype']} {r['arch']} ({r['config']})"
         assert r["registers"] > 0, f"{where}: no ptxas report"
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{where}: register spills {r}"
+        assert r["stack"] == 0 and r["local"] == 0, f"{where}: local memory (stack {r['stack']} B)"
         cc = 90 if r["arch"] == "sm_90a" else 80
         assert r["shared"] + r["static_smem"] <= SMEM_LIMIT[cc], f"{where}: shared memory {r['shared']} B"
+        if r["dtype"] == "bf16" and r["dots"]:  # half dots belong on tensor cores
+            if cc == 90:
+                assert r["wgmma_dots"] == r["dots"], f"{where}: {r['dots'] - r['wgmma_dots']} dots not wgmma"
+                assert r["hgmma"] > 0, f"{where}: no HGMMA in the SASS"
+            else:
+                assert r["hmma"] > 0, f"{where}: no HMMA in the SASS"
+        if r["kernel"] in _STREAMING:
+            assert r["ldg128"] > 0, f"{where}: no 16-byte loads of the logits"
 
 
 if __name__ == "__main__":

@@ -126,8 +126,21 @@ class SyntheticDataConfig:
     """Square image side in pixels."""
     tasks: list[str] = field(default_factory=lambda: ["count", "colour", "size", "bar"])
     """Subset of the tasks count, colour, size, bar."""
+    variant: Literal["standard", "misleading"] = "standard"
+    """"standard": the bundled task. "misleading": text that misleads a policy that does not
+    look at the image: training answers favour one answer per task (`skew`) and every prompt
+    carries a hint naming an answer (right with probability `hint_accuracy` in training);
+    validation answers are uniform and its hints always wrong (`train.data`)."""
+    skew: float = 0.5
+    """misleading only: skew of training answers towards their task's favoured answer: it has
+    probability 1/m + skew * (1 - 1/m) for m answers (0: uniform, 1: always)."""
+    hint_accuracy: float = 0.5
+    """misleading only: probability that a training prompt's hint names the right answer."""
 
     def __post_init__(self) -> None:
+        _require(0 <= self.skew <= 1, "data.synthetic.skew", f"must be in [0, 1], got {self.skew}")
+        _require(0 <= self.hint_accuracy <= 1, "data.synthetic.hint_accuracy",
+                 f"must be in [0, 1], got {self.hint_accuracy}")
         _require(self.n_train > 0, "data.synthetic.n_train", f"must be > 0, got {self.n_train}")
         _require(self.n_val > 0, "data.synthetic.n_val", f"must be > 0, got {self.n_val}")
         _require(self.image_size >= 28, "data.synthetic.image_size", f"must be >= 28, got {self.image_size}")
@@ -341,7 +354,7 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Validation during training (avg@k, PAPO_SPEC section 4)."""
+    """Validation during training (avg@k, docs/algorithm.md "Evaluation")."""
 
     every: int = 5
     """Evaluate every N rollout steps (official 5); 0 disables periodic evaluation."""

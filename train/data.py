@@ -1,6 +1,6 @@
 """Data: the ViRL39K-format loader, the PAPO prompt template and the synthetic visual task.
 
-ViRL39K format (PAPO_SPEC section 5): one row per question with `problem`
+ViRL39K format (docs/algorithm.md): one row per question with `problem`
 (str, carrying one `<image>` placeholder per image), `answer` (str) and
 `images` (a list of images stored as `{"bytes", "path"}` dicts, PIL images,
 raw bytes or file paths). `load_records` reads it from local parquet / arrow /
@@ -16,6 +16,12 @@ relative sizes, tallest bar); with every image blacked out no policy can beat
 the split's majority-answer rate. Write it with
 
     python -m train.data synth --out data/synth --train 2000 --val 256
+
+`--variant misleading` writes a harder variant whose text misleads a policy that
+does not look: training answers are skewed towards one answer per question type
+and each prompt carries a hint naming an answer that is often right in training,
+while validation answers are uniform and its hints are always wrong (see
+`MISLEADING_HINT`). The default ("standard") task is unchanged by this option.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
 
-# The instruction of the official `math_perception.jinja` (PAPO_SPEC section 3),
+# The instruction of the official `math_perception.jinja` (docs/algorithm.md),
 # appended after the trimmed problem and a blank line.
 PROMPT_INSTRUCTION = (
     "You first think through the reasoning process as an internal monologue, enclosed within "
@@ -145,7 +151,7 @@ def resized_size(width: int, height: int, *, min_pixels: int, max_pixels: int) -
 def process_image(img: Image.Image, *, min_pixels: int, max_pixels: int) -> Image.Image:
     """EasyR1's `process_image`: downscale to <= max_pixels, upscale to >= min_pixels, RGB.
 
-    Applied after masking (PAPO_SPEC section 2 masks the raw image), to the
+    Applied after masking (the official masking works on the raw image), to the
     original and the masked copy alike, so both get the same grid.
     """
     w, h = resized_size(img.width, img.height, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -307,7 +313,7 @@ class VisionRLDataset:
         records: rows from `load_records`.
         processor: a Qwen2.5-VL processor (its tokenizer and chat template are used).
         prompt_key, answer_key, image_key: field names (ViRL39K: problem/answer/images).
-        min_pixels, max_pixels: image resize bounds (PAPO_SPEC section 3).
+        min_pixels, max_pixels: image resize bounds (official 200,704 and 1,003,520).
         max_prompt_length: prompts longer than this many tokens, image tokens
             included, are dropped and counted.
         base_dir: directory that relative image paths resolve against.
@@ -462,17 +468,21 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: f
         draw.rectangle(box, fill=colour)
 
 
-def make_synthetic_item(rng: np.random.Generator, task: str, size: int = 84) -> tuple[str, str, Image.Image]:
+def make_synthetic_item(rng: np.random.Generator, task: str, size: int = 84, *,
+                        answer: str | None = None) -> tuple[str, str, Image.Image]:
     """One synthetic question: (problem with `<image>`, answer, RGB image of `size` x `size`).
 
-    Answers are drawn uniformly from `ANSWERS[task]`, so with the image
-    hidden the best guess scores the task's majority rate.
+    Answers are drawn uniformly from `ANSWERS[task]` (unless `answer` imposes one), so
+    with the image hidden the best guess scores the task's majority rate.
     """
     if task not in SYNTH_TASKS:
         raise ValueError(f"task must be one of {SYNTH_TASKS}, got {task!r}")
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    answer = ANSWERS[task][int(rng.integers(len(ANSWERS[task])))]
+    if answer is None:
+        answer = ANSWERS[task][int(rng.integers(len(ANSWERS[task])))]
+    elif answer not in ANSWERS[task]:
+        raise ValueError(f"answer {answer!r} is not an answer of task {task!r}: {ANSWERS[task]}")
     cell = size / 3
     if task == "count":
         cells = rng.choice(9, size=int(answer), replace=False)
@@ -505,6 +515,39 @@ def make_synthetic_item(rng: np.random.Generator, task: str, size: int = 84) -> 
     return QUESTIONS[task], answer, img
 
 
+SYNTH_VARIANTS = ("standard", "misleading")
+# The misleading variant's prompt: this sentence, then the standard question, after the image.
+MISLEADING_HINT = "Hint: the answer is {hint}. "
+
+
+def misleading_answer_and_hint(rng: np.random.Generator, task: str, *, train: bool, skew: float,
+                               hint_accuracy: float) -> tuple[str, str]:
+    """(answer, hint) of one question of the misleading variant.
+
+    Training: the answer is the task's favoured one (`ANSWERS[task][0]`) with probability
+    1/m + skew * (1 - 1/m) for m answers (skew 0: uniform, 1: always the favoured one),
+    otherwise a uniform other one, and the hint names the answer with probability
+    `hint_accuracy`, otherwise a uniform wrong one; a policy that reads only the text can
+    score well. Validation: uniform answers and a hint that is always wrong, so those text
+    priors score at most chance there while reading the image still pays.
+    """
+    answers = ANSWERS[task]
+    if train:
+        if rng.random() < 1 / len(answers) + skew * (1 - 1 / len(answers)):
+            answer = answers[0]
+        else:
+            others = answers[1:]
+            answer = others[int(rng.integers(len(others)))]
+    else:
+        answer = answers[int(rng.integers(len(answers)))]
+    wrong = [a for a in answers if a != answer]
+    if train and rng.random() < hint_accuracy:
+        hint = answer
+    else:
+        hint = wrong[int(rng.integers(len(wrong)))]
+    return answer, hint
+
+
 def synthetic_corpus() -> list[str]:
     """Every string the synthetic task can produce, for training the tiny tokenizer."""
     lines = [q.replace(IMAGE_PLACEHOLDER, "") for q in QUESTIONS.values()]
@@ -522,16 +565,34 @@ def _png_bytes(img: Image.Image) -> bytes:
 
 
 def synthetic_rows(n: int, *, seed: int, tasks: Sequence[str] = SYNTH_TASKS, image_size: int = 84,
-                   id_prefix: str = "synth") -> list[dict[str, Any]]:
-    """`n` synthetic ViRL39K-format rows (tasks cycled in order, images as PNG dicts)."""
+                   id_prefix: str = "synth", variant: str = "standard", train: bool = True,
+                   skew: float = 0.5, hint_accuracy: float = 0.5) -> list[dict[str, Any]]:
+    """`n` synthetic ViRL39K-format rows (tasks cycled in order, images as PNG dicts).
+
+    `variant` "misleading" draws answers and a hint per row with `misleading_answer_and_hint`
+    (`train` selects its training or validation rule); "standard" ignores `train`, `skew` and
+    `hint_accuracy`.
+    """
     for t in tasks:
         if t not in SYNTH_TASKS:
             raise ValueError(f"tasks: unknown task {t!r}; choose from {SYNTH_TASKS}")
+    if variant not in SYNTH_VARIANTS:
+        raise ValueError(f"variant must be one of {SYNTH_VARIANTS}, got {variant!r}")
+    for name, p in (("skew", skew), ("hint_accuracy", hint_accuracy)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         task = tasks[i % len(tasks)]
-        problem, answer, img = make_synthetic_item(rng, task, image_size)
+        if variant == "misleading":
+            answer, hint = misleading_answer_and_hint(rng, task, train=train, skew=skew,
+                                                      hint_accuracy=hint_accuracy)
+            problem, answer, img = make_synthetic_item(rng, task, image_size, answer=answer)
+            hinted = IMAGE_PLACEHOLDER + MISLEADING_HINT.format(hint=hint)
+            problem = problem.replace(IMAGE_PLACEHOLDER, hinted, 1)
+        else:
+            problem, answer, img = make_synthetic_item(rng, task, image_size)
         rows.append({"id": f"{id_prefix}-{i}", "problem": problem, "answer": answer,
                      "images": [{"bytes": _png_bytes(img), "path": None}], "category": task})
     return rows
@@ -562,13 +623,15 @@ def majority_rate(answers: Sequence[str]) -> float:
 
 
 def write_synthetic(out: str | os.PathLike, *, n_train: int = 2000, n_val: int = 256, seed: int = 0,
-                    tasks: Sequence[str] = SYNTH_TASKS, image_size: int = 84) -> dict[str, Any]:
+                    tasks: Sequence[str] = SYNTH_TASKS, image_size: int = 84, variant: str = "standard",
+                    skew: float = 0.5, hint_accuracy: float = 0.5) -> dict[str, Any]:
     """Write the synthetic task as `out/data/{train,validation}-00000-of-00001.parquet`.
 
     Train and validation use disjoint seeds. Returns a summary (counts and the
     blind baselines per split: the overall majority-answer rate and the mean
     of per-task majority rates, which a policy that reads the question but not
     the image can reach). The summary is also written to `out/summary.json`.
+    `variant`, `skew` and `hint_accuracy` select the misleading variant (`synthetic_rows`).
     """
     if n_train <= 0 or n_val <= 0:
         raise ValueError(f"n_train and n_val must be positive, got {n_train}, {n_val}")
@@ -576,8 +639,11 @@ def write_synthetic(out: str | os.PathLike, *, n_train: int = 2000, n_val: int =
         raise ValueError(f"image_size must be >= 28 pixels, got {image_size}")
     out = Path(out)
     summary: dict[str, Any] = {"tasks": list(tasks), "image_size": image_size, "seed": seed}
+    if variant != "standard":
+        summary.update(variant=variant, skew=skew, hint_accuracy=hint_accuracy)
     for split, n, s in (("train", n_train, seed), ("validation", n_val, seed + 1_000_003)):
-        rows = synthetic_rows(n, seed=s, tasks=tasks, image_size=image_size, id_prefix=split)
+        rows = synthetic_rows(n, seed=s, tasks=tasks, image_size=image_size, id_prefix=split, variant=variant,
+                              train=split == "train", skew=skew, hint_accuracy=hint_accuracy)
         _write_parquet(rows, out / "data" / f"{split}-00000-of-00001.parquet")
         by_task: dict[str, list[str]] = {}
         for r in rows:
@@ -602,13 +668,19 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=84, help="square image side in pixels")
     s.add_argument("--tasks", default=",".join(SYNTH_TASKS), help="comma-separated subset of " + ",".join(SYNTH_TASKS))
+    s.add_argument("--variant", default="standard", choices=SYNTH_VARIANTS,
+                   help="misleading: skewed training answers and hints that mislead a blind policy")
+    s.add_argument("--skew", type=float, default=0.5,
+                   help="misleading: skew of training answers towards one answer (0 uniform, 1 always it)")
+    s.add_argument("--hint-accuracy", type=float, default=0.5, help="misleading: P(hint right) in training")
     i = sub.add_parser("inspect", help="load a ViRL39K-format dataset and print its fields and first row")
     i.add_argument("path")
     i.add_argument("--split", default="train")
     args = parser.parse_args(argv)
     if args.cmd == "synth":
         summary = write_synthetic(args.out, n_train=args.train, n_val=args.val, seed=args.seed,
-                                  tasks=[t for t in args.tasks.split(",") if t], image_size=args.image_size)
+                                  tasks=[t for t in args.tasks.split(",") if t], image_size=args.image_size,
+                                  variant=args.variant, skew=args.skew, hint_accuracy=args.hint_accuracy)
         print(json.dumps(summary, indent=2))
     else:
         rows = load_records(args.path, args.split)

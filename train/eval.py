@@ -1,4 +1,4 @@
-"""Evaluation: avg@k accuracy (PAPO_SPEC section 4) per dataset and overall.
+"""Evaluation: avg@k accuracy (docs/algorithm.md "Evaluation") per dataset and overall.
 
 Protocol: sample k responses per question (temperature 1.0, top_p 1.0 by
 default, images resized to PAPO-Eval's [32*32, 768*768] pixels), grade the last

@@ -2,7 +2,7 @@
 
 Reads `RUN_DIR/metrics.jsonl` and writes PNG curves: rewards and accuracy,
 validation avg@k, every loss term, and the paper's collapse signals
-(PAPO_SPEC 1.5 / 7: the perception KL blowing up, the clip-high fraction
+(docs/algorithm.md: the perception KL blowing up, the clip-high fraction
 rising, both entropies rising).
 """
 

@@ -262,7 +262,7 @@ def build_model(tokenizer, spec: TinyModelSpec):
     )
     torch.manual_seed(spec.seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    # Qwen2.5-VL-Instruct stops on <|im_end|> or <|endoftext|> (PAPO_SPEC section 3).
+    # Qwen2.5-VL-Instruct stops on <|im_end|> or <|endoftext|> (docs/algorithm.md).
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],

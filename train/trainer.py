@@ -1,6 +1,6 @@
 """The PAPO trainer: rollouts, rewards, advantages, no-grad statistics, DeepSpeed updates.
 
-`Trainer(cfg).train()` runs PAPO_SPEC section 7 once per rollout step:
+`Trainer(cfg).train()` runs the official step (docs/algorithm.md) once per rollout step:
 
  1. sample `rollout_batch_size` prompts (this rank's share);
  2. mask each prompt's raw images once (`papo.masking.mask_images`, shared by its rollouts);
@@ -86,7 +86,7 @@ def init_distributed() -> tuple[int, int]:
                           MASTER_PORT=str(_free_port()))
     if not torch.cuda.is_available():
         # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op on first use
-        # (45-51 s on a 2-core machine, MACHINE_NOTES); gloo gives identical results without it.
+        # (45-51 s measured on a 2-core machine); gloo gives identical results without it.
         comm_torch = sys.modules.get("deepspeed.comm.torch")
         if comm_torch is not None:
             comm_torch.build_shm_op = lambda: None
@@ -551,7 +551,8 @@ class Trainer:
             if not cfg.data.train_path and not (self.out / "data" / "summary.json").exists():
                 s = cfg.data.synthetic
                 write_synthetic(self.out / "data", n_train=s.n_train, n_val=s.n_val, seed=s.seed,
-                                tasks=s.tasks, image_size=s.image_size)
+                                tasks=s.tasks, image_size=s.image_size, variant=s.variant, skew=s.skew,
+                                hint_accuracy=s.hint_accuracy)
         barrier()
         return model_dir, {"train": train_path, "val": val_path}
 
@@ -909,7 +910,7 @@ class Trainer:
     # ------------------------------------------------------------------ one rollout step
 
     def train_step(self) -> dict[str, Any]:
-        """One rollout step (PAPO_SPEC section 7); returns its metrics."""
+        """One rollout step (docs/algorithm.md, "Order of one training step"); returns its metrics."""
         t0 = time.perf_counter()
         step = self.step
         self._sync_rollout()
@@ -967,7 +968,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, *, black_images: bool = False) -> dict[str, float]:
-        """avg@k accuracy on the validation split (PAPO_SPEC section 4 protocol)."""
+        """avg@k accuracy on the validation split (protocol: docs/algorithm.md "Evaluation")."""
         from train.eval import evaluate_dataset
 
         self._sync_rollout()

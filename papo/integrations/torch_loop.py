@@ -7,7 +7,7 @@
 The model is abstracted as `hidden_fn(micro_batch, masked) -> [B, T, H]`: the last hidden
 states that predict `completion_ids` (shifted by one against the inputs) with the original
 (masked=False) or the masked images. Everything else follows the official step order
-(PAPO_SPEC section 7): old and masked log-probs from one no-grad two-view pass with the
+(docs/algorithm.md): old and masked log-probs from one no-grad two-view pass with the
 rollout-time weights, then one optimizer step per mini-batch with gradient accumulation.
 """
 

@@ -1,13 +1,18 @@
 """Triton backend (`backend="triton"`): `forward_stats` / `backward_grads` with reference.py's signatures.
 
-Two execution strategies (DESIGN.md "Execution strategies"), chosen by `strategy`:
+One execution strategy, "workspace" (what "auto" picks; docs/design.md "Execution strategies"): per
+chunk of C rows, one cuBLAS GEMM of the stacked views into a bounded fp32 logit workspace,
+Triton epilogues for the statistics and dZ, and per ring of dZ rows one stacked dh GEMM and one
+dW GEMM (workspace.py, stats_workspace.py, stats_combine.py, grad_workspace.py).
 
-- "workspace" (what "auto" picks): per chunk of C rows, one cuBLAS GEMM of the stacked views
-  into a bounded fp32 logit workspace, Triton epilogues for the statistics and dZ, cuBLAS GEMMs
-  for dh and dW (workspace.py, stats_workspace.py, grad_workspace.py);
-- "fused": logits in registers over vocabulary tiles, no logit buffer at all; deterministic
-  ownership sweeps for dh and dW, or fp32 atomics with PAPO_FUSED_ATOMICS=1 (fused.py,
-  stats_fused.py, grad_fused_dh.py, grad_fused_dw.py, grad_fused_atomic.py).
+The in-register strategy ("fused": logits recomputed in registers, dh and dW by ownership
+sweeps or atomics) was retired from the public choices: its gradient kernels measured 104x the
+GEMM floor on an H100 (16 s against 0.154 s at the 7B head, 16k tokens), and an in-register
+backward at H = 3584 cannot keep its dh/dW accumulators on chip: it recomputes the logits
+(8HV FLOPs against the 6HV floor, >= 1.33x by construction) and moves ~1-2 TB of accumulator
+traffic, to save memory that is small next to the 2.18 GB fp32 dW accumulator every strategy
+needs. Its forward (stats_inregister.py) stays behind PAPO_INREGISTER_FORWARD=1, a comparison
+switch for the no-grad statistics on a GPU, not a public strategy.
 
 Semantics are exactly reference.py's: fp32 math on fp16/bf16/fp32 inputs (outputs float32), rows
 whose target is ignore_index give 0 in every output and gradient, targets outside [0, V) give
@@ -16,9 +21,10 @@ constant view b (`hidden_b_is_constant`) sends no gradient to the weight. float6
 back to the reference implementation (Triton's fp64 dots are neither fast nor needed: fp64 is
 for gradchecks on tiny shapes).
 
-`chunk_tokens` is the workspace strategy's chunk size (rows per GEMM); the fused strategy ignores
-it. `chunk_vocab` is ignored: tile sizes come from the launch configs (_config.py), fixed per
-GPU family, autotuned with PAPO_AUTOTUNE=1, overridable with `_config.override_configs`.
+`chunk_tokens` is the workspace strategy's chunk size (rows per view per GEMM). `chunk_vocab` is
+ignored: tile sizes come from the launch configs (_config.py), fixed per GPU family, overridable
+with `_config.override_configs`; the workspace switches (ring size, variants) are documented
+there too.
 
 Importing this package needs `triton` but no GPU: every driver query is deferred and guarded.
 Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before importing
@@ -31,20 +37,20 @@ import torch
 import triton  # noqa: F401  (ImportError here tells the dispatcher that Triton is missing)
 
 from papo_kernels import reference
-from papo_kernels.kernels import fused, workspace
+from papo_kernels._strategies import check_strategy
+from papo_kernels.kernels import _config, workspace
 from papo_kernels.kernels._config import LaunchConfig, override_configs
+from papo_kernels.kernels.stats_inregister import inregister_stats
 from papo_kernels.reference import RowGrads, RowStats
 
 __all__ = ["LaunchConfig", "backward_grads", "forward_stats", "loss_rows", "override_configs"]
 
-STRATEGIES = ("auto", "workspace", "fused")
 _STAT_NAMES = ("logp_a", "entropy_a", "lse_a", "logp_b", "entropy_b", "lse_b", "kl_ab", "kl_ba")
 
 
 def _strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    return "workspace" if strategy == "auto" else strategy
+    check_strategy(strategy)
+    return "workspace"
 
 
 def _unit_cols(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -87,10 +93,16 @@ def forward_stats(
     hidden_a, hidden_b, weight = _unit_cols(hidden_a), _unit_cols(hidden_b), _unit_cols(weight)
     targets = targets.contiguous()
     opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
-    if strategy == "workspace":
-        workspace.forward_stats(hidden_a, hidden_b, weight, targets, outs, chunk_tokens=chunk_tokens, **opts)
+    if _config.inregister_forward_enabled():
+        device, hid, vocab = hidden_a.device, hidden_a.shape[1], weight.shape[0]
+        inregister_stats(
+            hidden_a, hidden_b, weight, targets, outs,
+            config=_config.get_config("inregister_stats", device, hidden_a.dtype, n, vocab, hid),
+            combine_config=_config.get_config("stats_combine", device, hidden_a.dtype, n, vocab, hid),
+            **opts,
+        )
     else:
-        fused.forward_stats(hidden_a, hidden_b, weight, targets, outs, **opts)
+        workspace.forward_stats(hidden_a, hidden_b, weight, targets, outs, chunk_tokens=chunk_tokens, **opts)
     return RowStats(**outs)
 
 
@@ -147,12 +159,9 @@ def backward_grads(
     if not two:  # view-b gradients of a single view are meaningless: treat as zero
         for k in ("logp_b", "entropy_b", "kl_ab", "kl_ba"):
             grads_d[k] = None
-    opts = dict(b_in_dw=b_in_dw, temperature=float(temperature), ignore_index=int(ignore_index))
-    if strategy == "workspace":
-        workspace.backward_grads(hidden_a, hidden_b, weight, targets, stats_d, grads_d, dh_a, dh_b, acc,
-                                 chunk_tokens=chunk_tokens, **opts)
-    else:
-        fused.backward_grads(hidden_a, hidden_b, weight, targets, stats_d, grads_d, dh_a, dh_b, acc, **opts)
+    workspace.backward_grads(hidden_a, hidden_b, weight, targets, stats_d, grads_d, dh_a, dh_b, acc,
+                             chunk_tokens=chunk_tokens, b_in_dw=b_in_dw, temperature=float(temperature),
+                             ignore_index=int(ignore_index))
     if acc is not None and acc is not weight_grad_acc:
         weight_grad_acc += acc.to(weight_grad_acc.dtype)
     return dh_a, dh_b
@@ -178,11 +187,11 @@ def loss_rows(
     """The fused calls' gradient-in-forward loop (reference.run_loss_rows' contract).
 
     The workspace strategy computes each chunk's logits once and reuses them for dZ (one GEMM
-    fewer per chunk than phase 1 + phase 2); the fused strategy, float64 inputs and N = 0 use
-    the generic loop over `forward_stats` / `backward_grads`.
+    fewer per chunk than phase 1 + phase 2); float64 inputs, N = 0 and an accumulator the
+    kernels cannot add into use the generic loop over `forward_stats` / `backward_grads`.
     """
     strategy = _strategy(strategy)
-    generic = (strategy != "workspace" or hidden_a.dtype == torch.float64 or hidden_a.shape[0] == 0
+    generic = (hidden_a.dtype == torch.float64 or hidden_a.shape[0] == 0
                or (weight_grad_acc is not None and (weight_grad_acc.dtype != torch.float32
                                                     or weight_grad_acc.stride(1) != 1)))
     if generic:

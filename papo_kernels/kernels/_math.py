@@ -1,6 +1,6 @@
 """Device functions shared by the kernels: logit tiles, online softmax, row statistics and dZ.
 
-Notation (DESIGN.md "Kernel math"): z = h W^T / T over the vocabulary, p = softmax(z), y the
+Notation (docs/design.md "Kernel math"): z = h W^T / T over the vocabulary, p = softmax(z), y the
 target. Phase 1 folds vocabulary tiles into a running max m, S = sum e^(z-m),
 U' = sum e^(z-m) (z-m) (shifted), X_ab = sum e^(z_a-m_a) (z_a-z_b), X_ba mirrored, and the target
 logit z_y; then

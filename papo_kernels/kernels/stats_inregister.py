@@ -1,4 +1,10 @@
-"""Fused strategy, phase 1: per-row statistics with the logits computed in registers.
+"""In-register forward statistics: per-row statistics with the logits computed in registers.
+
+Kept (not public) as the candidate no-grad statistics path against the workspace forward, to be
+measured on a GPU (benchmarks/GPU_NOTES.md): `PAPO_INREGISTER_FORWARD=1` makes the Triton
+backend's `forward_stats` use it. The in-register gradient kernels were retired (measured 104x
+the GEMM floor on an H100; an in-register backward recomputes the logits, 8HV against the 6HV
+floor, so it is >= 1.33x by construction).
 
 Each program owns BLOCK_N rows and a contiguous range of vocabulary tiles (a "split"); per tile
 it accumulates z_a = h_a W^T and z_b = h_b W^T over H with tl.dot, loading each W tile once for
@@ -8,7 +14,7 @@ both views, and folds z / T into the online sums
 
 With one split the program finishes the statistics itself (lse = m + log S, logp = z_y - lse,
 H = log S - U'/S, KL_ab = X_ab/S_a - ((m_a-m_b) + log S_a - log S_b)); with several, partial sums
-go to a [10, splits, N] buffer and `_stats_combine_kernel` merges them (rescaling each split by
+go to a [10, splits, N] buffer and stats_combine.py merges them (rescaling each split by
 e^(m_split - m)). Memory: O(splits * N) floats, no [N, V] or [C, V] buffer. FLOPs: 2HV per row
 and view, the GEMM floor.
 """
@@ -20,17 +26,8 @@ import triton
 import triton.language as tl
 
 from papo_kernels.kernels import _config
-from papo_kernels.kernels._math import (
-    logit_tiles,
-    merge_partial,
-    online_update,
-    row_masks,
-    store_row_stats,
-)
-
-# Partial sums per split, rows of the [NUM_PARTIALS, splits, N] buffer in this order:
-# m_a, S_a, U'_a, z_y_a, m_b, S_b, U'_b, z_y_b, X_ab, X_ba.
-NUM_PARTIALS = 10
+from papo_kernels.kernels._math import logit_tiles, online_update, row_masks, store_row_stats
+from papo_kernels.kernels.stats_combine import combine_partials, num_splits, partial_buffer, store_partials
 
 
 @triton.heuristics({
@@ -38,7 +35,7 @@ NUM_PARTIALS = 10
     "PARTIAL": lambda args: args["PART"] is not None,
 })
 @triton.jit
-def _fused_stats_kernel(
+def _inregister_stats_kernel(
     HA, HB, W, TARGETS, PART,
     LOGP_A, ENT_A, LSE_A, LOGP_B, ENT_B, LSE_B, KL_AB, KL_BA,
     N, V, H, ignore_index, SPLITS, stride_ha_n, stride_hb_n, stride_w_v,
@@ -85,67 +82,11 @@ def _fused_stats_kernel(
             x_ab = scale_a * x_ab + tl.sum(e_a * diff, axis=1)
             x_ba = scale_b * x_ba - tl.sum(e_b * diff, axis=1)
     if PARTIAL:
-        # partial sums of this split: [stat, split, row]
-        base = PART + split * N + rows
-        stride = SPLITS * N
-        tl.store(base + 0 * stride, m_a, mask=in_range)
-        tl.store(base + 1 * stride, s_a, mask=in_range)
-        tl.store(base + 2 * stride, u_a, mask=in_range)
-        tl.store(base + 3 * stride, zy_a, mask=in_range)
-        if TWO_VIEW:
-            tl.store(base + 4 * stride, m_b, mask=in_range)
-            tl.store(base + 5 * stride, s_b, mask=in_range)
-            tl.store(base + 6 * stride, u_b, mask=in_range)
-            tl.store(base + 7 * stride, zy_b, mask=in_range)
-            tl.store(base + 8 * stride, x_ab, mask=in_range)
-            tl.store(base + 9 * stride, x_ba, mask=in_range)
+        store_partials(PART, split, rows, in_range, N, SPLITS,
+                       m_a, s_a, u_a, zy_a, m_b, s_b, u_b, zy_b, x_ab, x_ba, TWO_VIEW)
     else:
         store_row_stats(rows, in_range, valid, bad, m_a, s_a, u_a, zy_a, m_b, s_b, u_b, zy_b, x_ab, x_ba,
                         LOGP_A, ENT_A, LSE_A, LOGP_B, ENT_B, LSE_B, KL_AB, KL_BA, TWO_VIEW)
-
-
-@triton.jit
-def _load_partial(PART, stat, split, rows, in_range, N, SPLITS):
-    return tl.load(PART + stat * SPLITS * N + split * N + rows, mask=in_range, other=0.0)
-
-
-@triton.jit
-def _stats_combine_kernel(
-    PART, TARGETS,
-    LOGP_A, ENT_A, LSE_A, LOGP_B, ENT_B, LSE_B, KL_AB, KL_BA,
-    N, V, ignore_index, SPLITS,
-    TWO_VIEW: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tgt = tl.load(TARGETS + rows, mask=rows < N, other=0)
-    in_range, valid, bad = row_masks(tgt, rows, N, V, ignore_index)
-    # start from split 0 (never empty), then merge the others with their max rescaled
-    m_a = _load_partial(PART, 0, 0, rows, in_range, N, SPLITS)
-    s_a = _load_partial(PART, 1, 0, rows, in_range, N, SPLITS)
-    u_a = _load_partial(PART, 2, 0, rows, in_range, N, SPLITS)
-    zy_a = _load_partial(PART, 3, 0, rows, in_range, N, SPLITS)
-    m_b = _load_partial(PART, 4, 0, rows, in_range, N, SPLITS)
-    s_b = _load_partial(PART, 5, 0, rows, in_range, N, SPLITS)
-    u_b = _load_partial(PART, 6, 0, rows, in_range, N, SPLITS)
-    zy_b = _load_partial(PART, 7, 0, rows, in_range, N, SPLITS)
-    x_ab = _load_partial(PART, 8, 0, rows, in_range, N, SPLITS)
-    x_ba = _load_partial(PART, 9, 0, rows, in_range, N, SPLITS)
-    for sp in range(1, SPLITS):
-        m_a, s_a, u_a, sc_a, scp_a = merge_partial(
-            m_a, s_a, u_a, _load_partial(PART, 0, sp, rows, in_range, N, SPLITS),
-            _load_partial(PART, 1, sp, rows, in_range, N, SPLITS),
-            _load_partial(PART, 2, sp, rows, in_range, N, SPLITS))
-        zy_a += _load_partial(PART, 3, sp, rows, in_range, N, SPLITS)
-        if TWO_VIEW:
-            m_b, s_b, u_b, sc_b, scp_b = merge_partial(
-                m_b, s_b, u_b, _load_partial(PART, 4, sp, rows, in_range, N, SPLITS),
-                _load_partial(PART, 5, sp, rows, in_range, N, SPLITS),
-                _load_partial(PART, 6, sp, rows, in_range, N, SPLITS))
-            zy_b += _load_partial(PART, 7, sp, rows, in_range, N, SPLITS)
-            x_ab = sc_a * x_ab + scp_a * _load_partial(PART, 8, sp, rows, in_range, N, SPLITS)
-            x_ba = sc_b * x_ba + scp_b * _load_partial(PART, 9, sp, rows, in_range, N, SPLITS)
-    store_row_stats(rows, in_range, valid, bad, m_a, s_a, u_a, zy_a, m_b, s_b, u_b, zy_b, x_ab, x_ba,
-                    LOGP_A, ENT_A, LSE_A, LOGP_B, ENT_B, LSE_B, KL_AB, KL_BA, TWO_VIEW)
 
 
 _AUTOTUNED = None
@@ -161,30 +102,11 @@ def _autotuned_kernel():
                                      (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
         ]
         _AUTOTUNED = triton.autotune(configs=configs, key=["V", "H", "SPLITS", "TEMPERATURE"])(
-            _fused_stats_kernel)
+            _inregister_stats_kernel)
     return _AUTOTUNED
 
 
-def _num_splits(n: int, vocab: int, config: _config.LaunchConfig, device: torch.device) -> int:
-    """Vocabulary splits per row tile: enough programs for two waves, >= 8 tiles per split.
-
-    An explicit `config.splits` is only capped at the tile count, so trailing splits may be
-    empty (the kernels handle that; autotuned BLOCK_V can cause it too).
-    """
-    n_tiles = triton.cdiv(vocab, config.BLOCK_V)
-    if config.splits:
-        return max(1, min(config.splits, n_tiles))
-    if _config.is_interpreting():
-        return 1
-    row_tiles = triton.cdiv(n, config.BLOCK_N)
-    sms = _config.sm_count(device)
-    if row_tiles >= sms:
-        return 1
-    splits = max(1, min(max(1, n_tiles // 8), triton.cdiv(2 * sms, row_tiles)))
-    return triton.cdiv(n_tiles, triton.cdiv(n_tiles, splits))  # no empty split
-
-
-def fused_stats(
+def inregister_stats(
     hidden_a: torch.Tensor,
     hidden_b: torch.Tensor | None,
     weight: torch.Tensor,
@@ -213,10 +135,10 @@ def fused_stats(
     if n == 0:
         return
     two = hidden_b is not None
-    splits = _num_splits(n, vocab, config, hidden_a.device)
-    part = None
-    if splits > 1:
-        part = torch.empty((NUM_PARTIALS, splits, n), dtype=torch.float32, device=hidden_a.device)
+    # two waves, >= 8 tiles of W per split (each split re-reads its rows of h once per tile)
+    splits = num_splits(triton.cdiv(n, config.BLOCK_N), triton.cdiv(vocab, config.BLOCK_V), config,
+                        hidden_a.device, min_tiles_per_split=8, programs_per_sm=2)
+    part = partial_buffer(splits, n, hidden_a.device) if splits > 1 else None
     final = {k: (None if part is not None else outs.get(k)) for k in
              ("logp_a", "entropy_a", "lse_a", "logp_b", "entropy_b", "lse_b", "kl_ab", "kl_ba")}
     args = (
@@ -234,15 +156,10 @@ def fused_stats(
     if _config.autotune_enabled():
         _autotuned_kernel()[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](*args, **consts)
     else:
-        _fused_stats_kernel[(triton.cdiv(n, config.BLOCK_N), splits)](
+        _inregister_stats_kernel[(triton.cdiv(n, config.BLOCK_N), splits)](
             *args, **consts, BLOCK_N=config.BLOCK_N, BLOCK_V=config.BLOCK_V, BLOCK_D=config.BLOCK_D,
             **config.launch_kwargs(),
         )
     if part is not None:
-        _stats_combine_kernel[(triton.cdiv(n, combine_config.BLOCK_N),)](
-            part, targets,
-            outs["logp_a"], outs["entropy_a"], outs["lse_a"],
-            outs.get("logp_b"), outs.get("entropy_b"), outs.get("lse_b"), outs.get("kl_ab"),
-            outs.get("kl_ba"), n, vocab, ignore_index, splits,
-            TWO_VIEW=two, BLOCK_N=combine_config.BLOCK_N, **combine_config.launch_kwargs(),
-        )
+        combine_partials(part, targets, outs, vocab=vocab, ignore_index=ignore_index, two_view=two,
+                         config=combine_config)
