@@ -5,31 +5,31 @@ answers each request {"job", "given", "truth"} on stdin with {"job", "ok"} on it
 copy of stdout. Anything the grader prints goes to stderr, so it cannot corrupt the protocol.
 It is a separate interpreter (not a multiprocessing child) so that starting it never re-imports
 the trainer's main script, and the parent can kill it when an answer runs past its deadline.
+Its address space is capped (MEMORY_LIMIT_BYTES), so an answer that slips a huge computation past
+the guard fails with MemoryError in a moment instead of taking the machine's memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 from collections.abc import Callable
 
-from papo.rewards import _UNSAFE_EXPR
+from papo.faults import fault_point
+
+MEMORY_LIMIT_BYTES = 4 << 30
 
 
 def _mathruler_grader() -> Callable[[str, str], bool]:
     from mathruler import grader as mr
 
+    from papo._answer_guard import safe_parse
+
     # MathRuler compiles normalized answers with sympy's parser (which evaluates the Python it
-    # builds): only plain arithmetic may reach it
-    unguarded = mr._sympy_parse
-
-    def guarded_parse(expr: str):
-        if _UNSAFE_EXPR.search(expr):
-            raise ValueError("refused: not an arithmetic expression")
-        return unguarded(expr)
-
-    mr._sympy_parse = guarded_parse
+    # builds): only small plain arithmetic may reach it
+    mr._sympy_parse = safe_parse
     return lambda given, truth: bool(mr.grade_answer(given, truth))
 
 
@@ -47,14 +47,23 @@ def _math_verify_grader() -> Callable[[str, str], bool]:
     return grade
 
 
+def _limit_memory() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = MEMORY_LIMIT_BYTES if hard == resource.RLIM_INFINITY else min(MEMORY_LIMIT_BYTES, hard)
+    if soft == resource.RLIM_INFINITY or soft > limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
 def main(backend: str) -> None:
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # stray prints of the grader go to stderr
     grade = _mathruler_grader() if backend == "mathruler" else _math_verify_grader()
+    _limit_memory()
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
     for line in sys.stdin:
         request = json.loads(line)
+        fault_point("grader.request")
         try:
             ok = grade(request["given"], request["truth"])
         except Exception:  # a grader crash on odd input is a wrong answer, not a dead worker

@@ -65,7 +65,8 @@ class PAPOConfig:
     None disables it."""
 
     loss_agg: str = "token-mean"
-    """How per-token losses are averaged (the same weights apply to every term):
+    """How per-token losses are averaged (the same weights apply to every term except the two
+    entropy terms, which are token means whatever this says, as in the official code):
     "token-mean": sum over tokens / number of tokens (official);
     "seq-mean-token-mean": mean over sequences of each sequence's token mean (the paper's
     1/|o_i| formula); "seq-mean-token-sum": mean over sequences of each sequence's token sum;

@@ -6,12 +6,16 @@ Per completion token t of response i the loss to minimize is (docs/algorithm.md)
 
 and every aggregation is a weighted sum  loss = sum_t w_t l_t  with weights fixed up front
 (`_token_weights`), which is what lets `PAPOLoss` hand the whole loss to the fused kernels as a
-per-chunk `loss_fn` without [tokens x vocab] logits. Both entry points share `_token_terms`,
-so PAPOLoss equals papo_loss applied to the dense statistics of the same logits.
+per-chunk `loss_fn` without [tokens x vocab] logits. The entropy terms are token means whatever
+`loss_agg` says (the official code averages them with `masked_mean` however the policy loss is
+averaged), so they carry token-mean weights u_t:  loss = sum_t w_t l_t + sum_t u_t e_t. Both
+entry points share `_token_terms`, so PAPOLoss equals papo_loss applied to the dense statistics
+of the same logits.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -64,8 +68,9 @@ def _resolve_coefficients(config: PAPOConfig, coefficients: Any) -> Coefficients
             f" a (gamma, eta_full, eta_masked) tuple or a mapping, got {type(coefficients).__name__}"
         )
     for name, v in zip(values._fields, values):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0:
-            raise ValueError(f"coefficients.{name} must be a real number >= 0, got {v!r}")
+        # inf is refused too: inf * 0 on a term's zero tokens would make the whole loss NaN
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"coefficients.{name} must be a finite real number >= 0, got {v!r}")
     return values
 
 
@@ -74,9 +79,11 @@ def _check_count(name: str, value: Any) -> None:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         return  # may live on an accelerator after an all-reduce: not synced to check its sign
-    # 0 is allowed: a step without completion tokens gives loss 0 (the divisor is clamped to 1)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0 (or a scalar tensor), got {value!r}")
+    # 0 is allowed: a step without completion tokens gives loss 0 (the divisor is clamped to 1);
+    # inf is not: it would silently zero the loss
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number >= 0 (or a scalar tensor), got {value!r}")
 
 
 def _token_weights(
@@ -87,14 +94,16 @@ def _token_weights(
     num_valid_tokens: Any,
     num_valid_sequences: Any,
     num_micro_batches: Any,
+    agg: str | None = None,
 ) -> Tensor:
     """Per-token weights w with loss = sum_t w_t l_t, float64, shape like seq_index.
 
     seq_index [n]: the sequence of each completion token; lengths [B]: completion tokens per
     sequence. Sequences without completion tokens are not counted (padding rows of a packed
-    micro-batch must not dilute a sequence mean).
+    micro-batch must not dilute a sequence mean). `agg` overrides config.loss_agg (the entropy
+    terms always use "token-mean").
     """
-    agg, scale = config.loss_agg, config.loss_scale
+    agg, scale = agg or config.loss_agg, config.loss_scale
     token_level = agg == "token-mean"
     if scale == "microbatch":
         if num_micro_batches is None:
@@ -109,6 +118,7 @@ def _token_weights(
         if num_valid_tokens is None:
             raise ValueError(
                 "num_valid_tokens is required with loss_scale='global' and loss_agg='token-mean' "
+                "or entropy terms (eta > 0), which are token means whatever loss_agg is "
                 "(the all-reduced completion-token count of the optimizer step)"
             )
         _check_count("num_valid_tokens", num_valid_tokens)
@@ -160,9 +170,12 @@ def _token_terms(
     entropy: Tensor | None = None,
     masked_entropy: Tensor | None = None,
     kl_exact: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token loss [n] and per-token (detached) metric values on compacted 1-D tensors.
+) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """Per-token losses [n] and per-token (detached) metric values on compacted 1-D tensors.
 
+    Returns (loss, entropy_loss, metrics): `loss` holds the terms aggregated per
+    config.loss_agg, `entropy_loss` the eta-weighted entropy terms, which are always token
+    means: None when both etas are 0 or when loss_agg is "token-mean" (they are in `loss`).
     kl_exact is the full-vocabulary KL_prcp: the loss term in the exact estimator (direction
     chosen by the caller), a monitor in the sampled one.
     """
@@ -205,10 +218,18 @@ def _token_terms(
             )
     if coefs.gamma != 0:  # skip zero-weight terms: 0 * inf would poison the loss with NaN
         loss = loss - coefs.gamma * kl_prcp
+    # the entropy terms are token means: with loss_agg "token-mean" they share the other terms'
+    # weights (and join `loss` in the official order); otherwise they get their own weights
+    separate = config.loss_agg != "token-mean"
+    entropy_loss = torch.zeros_like(loss) if separate else loss
     if coefs.eta_full != 0:
-        loss = loss + coefs.eta_full * h_full
+        entropy_loss = entropy_loss + coefs.eta_full * h_full
     if coefs.eta_masked != 0:
-        loss = loss + coefs.eta_masked * h_masked
+        entropy_loss = entropy_loss + coefs.eta_masked * h_masked
+    if separate:
+        entropy_loss = entropy_loss if coefs.eta_full != 0 or coefs.eta_masked != 0 else None
+    else:
+        loss, entropy_loss = entropy_loss, None
     if ref_logp is not None:
         ref_kl = kl_estimate(logp, ref_logp, config.ref_kl_estimator)
         if config.beta != 0:
@@ -223,7 +244,16 @@ def _token_terms(
         metrics["entropy/full"] = h_full.detach()
     if h_masked is not None:
         metrics["entropy/masked"] = h_masked.detach()
-    return loss, metrics
+    return loss, entropy_loss, metrics
+
+
+def _weighted_sum(loss: Tensor, weights: Tensor, entropy_loss: Tensor | None,
+                  entropy_weights: Tensor | None) -> Tensor:
+    """sum_t w_t l_t (+ sum_t u_t e_t when the entropy terms carry their own weights)."""
+    total = (weights * loss).sum()
+    if entropy_loss is not None:
+        total = total + (entropy_weights * entropy_loss).sum()
+    return total
 
 
 def _check_config(config: Any) -> PAPOConfig:
@@ -232,11 +262,17 @@ def _check_config(config: Any) -> PAPOConfig:
     return config
 
 
-def _check_mask(mask: Any, shape: torch.Size, name: str) -> Tensor:
+def _check_device(t: Tensor, name: str, device: torch.device, ref_name: str) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {device}: they must match")
+
+
+def _check_mask(mask: Any, shape: torch.Size, name: str, device: torch.device, ref_name: str) -> Tensor:
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    _check_device(mask, name, device, ref_name)
     if mask.dtype != torch.bool:
         if mask.dtype.is_complex:
             raise TypeError(f"{name} must be a bool or 0/1 numeric tensor, got {mask.dtype}")
@@ -246,7 +282,8 @@ def _check_mask(mask: Any, shape: torch.Size, name: str) -> Tensor:
     return mask
 
 
-def _check_token_tensor(t: Any, name: str, shape: torch.Size, ref_name: str) -> None:
+def _check_token_tensor(t: Any, name: str, shape: torch.Size, ref_name: str, device: torch.device,
+                        device_name: str) -> None:
     if t is None:
         return
     if not isinstance(t, Tensor):
@@ -255,14 +292,17 @@ def _check_token_tensor(t: Any, name: str, shape: torch.Size, ref_name: str) -> 
         raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     if t.shape != shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(shape)}, got {tuple(t.shape)}")
+    _check_device(t, name, device, device_name)
 
 
-def _check_advantages(advantages: Any, shape: torch.Size, ref_name: str) -> Tensor:
+def _check_advantages(advantages: Any, shape: torch.Size, ref_name: str, device: torch.device,
+                      device_name: str) -> Tensor:
     """Return advantages as [B, T] (a [B] tensor is broadcast over each sequence's tokens)."""
     if not isinstance(advantages, Tensor):
         raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     if not advantages.dtype.is_floating_point:
         raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
+    _check_device(advantages, "advantages", device, device_name)
     if advantages.shape == shape[:1]:
         return advantages.unsqueeze(-1).expand(shape)
     if advantages.shape == shape:
@@ -271,6 +311,15 @@ def _check_advantages(advantages: Any, shape: torch.Size, ref_name: str) -> Tens
         f"advantages must have shape [B] = {tuple(shape[:1])} or [B, T] = {tuple(shape)} "
         f"(from {ref_name}), got {tuple(advantages.shape)}"
     )
+
+
+def _raise_nonfinite_advantages(advantages: Tensor, bad: Tensor) -> None:
+    """ValueError naming the first completion token whose advantage is NaN/Inf (`bad` [B, T])."""
+    b, t = (int(i) for i in bad.nonzero()[0])
+    where = f"advantages[{b}]" if advantages.dim() == 1 else f"advantages[{b}, {t}]"
+    value = advantages[b] if advantages.dim() == 1 else advantages[b, t]
+    raise ValueError(f"advantages must be finite on completion tokens; {where} = {float(value)} "
+                     f"(completion token [{b}, {t}]): the loss would be NaN")
 
 
 def _check_missing(config: PAPOConfig, required: dict[str, bool], given: dict[str, Any],
@@ -344,6 +393,10 @@ def papo_loss(
         LossOutput(loss, metrics): loss = sum_t w_t l_t (0-dim; float32, or float64 for float64
         logp; bfloat16/float16 inputs are upcast); an all-masked
         micro-batch gives loss 0 with zero gradients. See `LossOutput` for the metrics.
+        NaN/Inf in the model's statistics (logp, old_logp, ...) on completion tokens make the
+        loss non-finite (the trainer then skips the optimizer step and counts it, as the
+        official code does); NaN/Inf advantages there raise ValueError (they come from the
+        rewards, so they are a bug, never a numerical accident).
     """
     config = _check_config(config)
     coefs = _resolve_coefficients(config, coefficients)
@@ -354,9 +407,14 @@ def papo_loss(
     shape = logp.shape
     for name, t in (("old_logp", old_logp), ("masked_logp", masked_logp), ("entropy", entropy),
                     ("masked_entropy", masked_entropy), ("kl_prcp", kl_prcp), ("ref_logp", ref_logp)):
-        _check_token_tensor(t, name, shape, "logp")
-    adv = _check_advantages(advantages, shape, "logp")
-    m = _check_mask(mask, shape, "mask")
+        _check_token_tensor(t, name, shape, "logp", logp.device, "logp")
+    adv = _check_advantages(advantages, shape, "logp", logp.device, "logp")
+    m = _check_mask(mask, shape, "mask", logp.device, "logp")
+    # Advantages come from rewards, never from the model: a NaN there is a bug upstream, not a
+    # numerical accident the trainer's non-finite-gradient skip is meant to absorb.
+    bad_adv = m & ~torch.isfinite(adv)
+    if bool(bad_adv.any()):
+        _raise_nonfinite_advantages(advantages, bad_adv)
 
     required = _required(config)
     given = dict(masked_logp=masked_logp, entropy=entropy, masked_entropy=masked_entropy,
@@ -388,16 +446,18 @@ def papo_loss(
     frozen_masked = config.masked_view != "live"
 
     seq_index = rows // shape[1]
-    weights = _token_weights(
-        config, seq_index, m.sum(-1), num_valid_tokens=num_valid_tokens,
-        num_valid_sequences=num_valid_sequences, num_micro_batches=num_micro_batches,
-    ).to(dtype)
-    token_loss, metric_values = _token_terms(
+    counts = dict(num_valid_tokens=num_valid_tokens, num_valid_sequences=num_valid_sequences,
+                  num_micro_batches=num_micro_batches)
+    weights = _token_weights(config, seq_index, m.sum(-1), **counts).to(dtype)
+    token_loss, entropy_loss, metric_values = _token_terms(
         config, coefs, logp=pick(logp), old_logp=pick(old_logp), advantages=pick(adv),
         masked_logp=pick(masked_logp, frozen_masked), ref_logp=pick(ref_logp), entropy=pick(entropy),
         masked_entropy=pick(masked_entropy, frozen_masked), kl_exact=pick(kl_prcp),
     )
-    loss = (weights * token_loss).sum()
+    entropy_weights = None
+    if entropy_loss is not None:
+        entropy_weights = _token_weights(config, seq_index, m.sum(-1), agg="token-mean", **counts).to(dtype)
+    loss = _weighted_sum(token_loss, weights, entropy_loss, entropy_weights)
     count = float(max(int(seq_index.numel()), 1))
     metrics = {k: v.sum() / count for k, v in metric_values.items()}
     metrics["tokens/count"] = metrics["tokens/count"] * count
@@ -476,7 +536,9 @@ class PAPOLoss(nn.Module):
 
         Returns:
             LossOutput(loss, metrics) equal to `papo_loss` on the same statistics computed
-            from dense logits hidden @ W.T / temperature.
+            from dense logits hidden @ W.T / temperature. Non-finite hidden states on completion
+            tokens give a non-finite loss (see `papo_loss`); completion_ids outside [0, V) or
+            non-finite advantages on completion tokens raise ValueError.
         """
         from papo_kernels import fused_token_loss, fused_two_view_loss
 
@@ -495,18 +557,44 @@ class PAPOLoss(nn.Module):
         if completion_ids.shape != shape:
             raise ValueError(f"completion_ids must have shape {tuple(shape)} (hidden.shape[:2]), "
                              f"got {tuple(completion_ids.shape)}")
-        if completion_ids.dtype.is_floating_point or completion_ids.dtype == torch.bool:
+        if completion_ids.dtype.is_floating_point or completion_ids.dtype.is_complex \
+                or completion_ids.dtype == torch.bool:
             raise TypeError(f"completion_ids must be an integer tensor, got {completion_ids.dtype}")
-        m = _check_mask(completion_mask, shape, "completion_mask")
-        adv = _check_advantages(advantages, shape, "hidden.shape[:2]")
+        if completion_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"completion_ids must be int64 or int32 token ids, got {completion_ids.dtype} "
+                            "(too narrow for a vocabulary index; convert with completion_ids.long())")
+        if lm_head_weight.dtype != hidden.dtype:
+            raise TypeError(f"lm_head_weight has dtype {lm_head_weight.dtype} but hidden has dtype "
+                            f"{hidden.dtype}: they must match")
+        _check_device(lm_head_weight, "lm_head_weight", hidden.device, "hidden")
+        _check_device(completion_ids, "completion_ids", hidden.device, "hidden")
+        m = _check_mask(completion_mask, shape, "completion_mask", hidden.device, "hidden")
+        adv = _check_advantages(advantages, shape, "hidden.shape[:2]", hidden.device, "hidden")
         for name, t in (("old_logp", old_logp), ("masked_logp", masked_logp), ("ref_logp", ref_logp)):
-            _check_token_tensor(t, name, shape, "hidden.shape[:2]")
+            _check_token_tensor(t, name, shape, "hidden.shape[:2]", hidden.device, "hidden")
         if masked_hidden is not None:
             if not isinstance(masked_hidden, Tensor):
                 raise TypeError(f"masked_hidden must be a torch.Tensor, got {type(masked_hidden).__name__}")
             if masked_hidden.shape != hidden.shape:
                 raise ValueError(f"masked_hidden must have the shape of hidden {tuple(hidden.shape)}, "
                                  f"got {tuple(masked_hidden.shape)}")
+            if masked_hidden.dtype != hidden.dtype:
+                raise TypeError(f"masked_hidden has dtype {masked_hidden.dtype} but hidden has dtype "
+                                f"{hidden.dtype}: they must match")
+            _check_device(masked_hidden, "masked_hidden", hidden.device, "hidden")
+        # Token ids outside the vocabulary would give NaN rows where the kernels skip their own
+        # range check (accelerators, to avoid a sync); checked here on completion tokens only, in
+        # the same host sync as the advantages, before the compaction below syncs anyway.
+        vocab = lm_head_weight.shape[0]
+        bad_ids = m & ((completion_ids < 0) | (completion_ids >= vocab))
+        bad_adv = m & ~torch.isfinite(adv)
+        any_bad_ids, any_bad_adv = torch.stack([bad_ids.any(), bad_adv.any()]).tolist()
+        if any_bad_ids:
+            b, t = (int(i) for i in bad_ids.nonzero()[0])
+            raise ValueError(f"completion_ids must be in [0, {vocab}) (lm_head_weight has V={vocab} rows) on "
+                             f"completion tokens; completion_ids[{b}, {t}] = {int(completion_ids[b, t])}")
+        if any_bad_adv:
+            _raise_nonfinite_advantages(advantages, bad_adv)
 
         required = _required(config)
         given = dict(masked_logp=masked_logp, masked_hidden=masked_hidden, ref_logp=ref_logp)
@@ -543,10 +631,13 @@ class PAPOLoss(nn.Module):
         h_b = masked_hidden.reshape(B * T, H).index_select(0, rows) if masked_hidden is not None else None
         targets = completion_ids.reshape(-1).index_select(0, rows).long()
         seq_index = rows // T
-        weights = _token_weights(
-            config, seq_index, m.sum(-1), num_valid_tokens=num_valid_tokens,
-            num_valid_sequences=num_valid_sequences, num_micro_batches=num_micro_batches,
-        )
+        counts = dict(num_valid_tokens=num_valid_tokens, num_valid_sequences=num_valid_sequences,
+                      num_micro_batches=num_micro_batches)
+        weights = _token_weights(config, seq_index, m.sum(-1), **counts)
+        # the entropy terms are token means whatever loss_agg is (see the module docstring)
+        entropy_weights = None
+        if config.loss_agg != "token-mean" and (coefs.eta_full != 0 or coefs.eta_masked != 0):
+            entropy_weights = _token_weights(config, seq_index, m.sum(-1), agg="token-mean", **counts)
 
         def gather(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.reshape(-1).index_select(0, rows).detach()
@@ -566,17 +657,17 @@ class PAPOLoss(nn.Module):
                 kl = stats.kl_ba if direction == "masked_to_full" else stats.kl_ab
                 # the sampled k3 estimates KL(pi_theta || pi_masked): monitor that one there
                 kl_monitor = kl if estimator == "exact" else stats.kl_ab
-                token_loss, values = _token_terms(
+                token_loss, entropy_loss, values = _token_terms(
                     config, coefs, logp=stats.logp_a, old_logp=at(old_rows), advantages=at(adv_rows),
                     masked_logp=stats.logp_b, ref_logp=at(ref_rows), entropy=stats.entropy_a,
                     masked_entropy=stats.entropy_b, kl_exact=kl_monitor,
                 )
             else:
-                token_loss, values = _token_terms(
+                token_loss, entropy_loss, values = _token_terms(
                     config, coefs, logp=stats.logp, old_logp=at(old_rows), advantages=at(adv_rows),
                     masked_logp=at(mlogp_rows), ref_logp=at(ref_rows), entropy=stats.entropy,
                 )
-            loss = (at(weights) * token_loss).sum()
+            loss = _weighted_sum(token_loss, at(weights), entropy_loss, at(entropy_weights))
             return loss, {k: v.sum() for k, v in values.items()}
 
         common = dict(temperature=config.temperature, backend=self.backend, strategy=self.strategy,

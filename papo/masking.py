@@ -10,8 +10,6 @@ Qwen2.5-VL inputs instead; it is a variant, not the paper's recipe.
 
 from __future__ import annotations
 
-import io
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,48 +18,21 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-# Modes whose channel value 0 is black (or transparent black); in e.g. "P" or "CMYK" a zero
-# is not black, and "1"/"I"/"F" are not the 8-bit images the processor expects.
-SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA")
+from papo.images import load_image, to_rgb
+
+__all__ = ["load_image", "mask_batch", "mask_image", "mask_images", "mask_pixel_values"]
+
+# Modes whose channel value 0 is black (or transparent black); they are masked as they are.
+# In the others a zero is not black ("P": palette entry 0, "CMYK": white) or the pixels are
+# not the 8-bit samples the processor expects ("1", "I;16", "I", "F"): they are converted to
+# RGB first (`papo.images.to_rgb`), as the trainer does when it loads an image.
+MASKABLE_MODES = ("RGB", "RGBA", "L", "LA")
 
 # CLIP normalization used by the Qwen2.5-VL image processor (OPENAI_CLIP_MEAN / _STD).
 QWEN2_5_VL_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 QWEN2_5_VL_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 RandomSource = np.random.Generator | np.random.RandomState
-
-
-def load_image(image: Any) -> Image.Image:
-    """Decode an image to a PIL image (the official pipeline's inputs come in several forms).
-
-    Args:
-        image: a PIL.Image.Image; raw encoded bytes; a dict {"bytes": ..., "path": ...} as
-            stored in the ViRL39K parquet files (bytes win over path); or a str/os.PathLike path.
-
-    Returns:
-        A fully loaded PIL.Image.Image (not converted: masking keeps the original mode).
-    """
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, dict):
-        data, path = image.get("bytes"), image.get("path")
-        if data is not None:
-            image = data
-        elif path is not None:
-            image = path
-        else:
-            raise ValueError("images: an image dict must have non-empty 'bytes' or 'path'")
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        pil = Image.open(io.BytesIO(bytes(image)))
-    elif isinstance(image, (str, os.PathLike)):
-        pil = Image.open(image)
-    else:
-        raise TypeError(
-            "images must be PIL images, encoded bytes, {'bytes', 'path'} dicts or paths, "
-            f"got {type(image).__name__}"
-        )
-    pil.load()
-    return pil
 
 
 def _as_random_source(generator: Any) -> RandomSource:
@@ -87,13 +58,15 @@ def mask_image(image: Any, *, patch_size: int = 14, prob: float = 0.6, generator
     """Blacken random square tiles of one raw image (official `random_patch_blackening`).
 
     Args:
-        image: PIL image (mode RGB, RGBA, L or LA), bytes, {"bytes", "path"} dict or path.
+        image: PIL image of any mode, bytes, {"bytes", "path"} dict or path.
         patch_size: tile side in pixels (int > 0); the official value is 14.
         prob: probability that a tile is blackened, in [0, 1]; the official value is 0.6.
         generator: numpy Generator, numpy RandomState or int seed; tiles are drawn row-major.
 
     Returns:
-        A new PIL image with the size and mode of the input; every channel of a masked tile
+        A new PIL image of the input's size; its mode is the input's for RGB, RGBA, L and LA,
+        else RGB (the input converted by `papo.images.to_rgb` before masking, so that a masked
+        tile is black and an unmasked one keeps its colours). Every channel of a masked tile
         (alpha included, as the official code does) is 0.
     """
     _check_params(patch_size, prob)
@@ -109,11 +82,8 @@ def _check_params(patch_size: Any, prob: Any) -> None:
 
 
 def _mask_one(pil: Image.Image, patch_size: int, prob: float, rng: RandomSource) -> Image.Image:
-    if pil.mode not in SUPPORTED_MODES:
-        raise ValueError(
-            f"images: unsupported image mode {pil.mode!r} (supported: {SUPPORTED_MODES}); "
-            "convert it first, e.g. image.convert('RGB')"
-        )
+    if pil.mode not in MASKABLE_MODES:
+        pil = to_rgb(pil)
     width, height = pil.size
     if width == 0 or height == 0:
         raise ValueError(f"images: image has zero size {pil.size}")
@@ -134,8 +104,8 @@ def mask_images(images: Any, *, patch_size: int = 14, prob: float = 0.6, generat
 
     Args:
         images: one image or a list/tuple of the prompt's images (multi-image prompts: every
-            image is masked, each with its own tiles). Each image: PIL (RGB, RGBA, L, LA),
-            encoded bytes, {"bytes", "path"} dict or path; decoded to PIL first.
+            image is masked, each with its own tiles). Each image: PIL (any mode; see
+            `mask_image`), encoded bytes, {"bytes", "path"} dict or path; decoded to PIL first.
         patch_size: tile side in pixels (int > 0, official 14).
         prob: per-tile masking probability in [0, 1] (official 0.6).
         generator: numpy Generator / RandomState or int seed. The same seed gives the same
@@ -143,7 +113,7 @@ def mask_images(images: Any, *, patch_size: int = 14, prob: float = 0.6, generat
 
     Returns:
         A masked PIL image for a single input, else a list of masked PIL images (same order,
-        same sizes and modes).
+        same sizes; modes as `mask_image` returns them).
     """
     _check_params(patch_size, prob)
     rng = _as_random_source(generator)

@@ -10,11 +10,15 @@ What differs from the official code is robustness only; no ordinary answer grade
 - The whitespace fix and the format check run in linear time. The official regexes backtrack
   quadratically on long runs of whitespace or many tags, which can stall a step.
 - Grading runs in worker processes with a deadline per answer (`AnswerGrader`): sympy can hang
-  on adversarial answers, and a hung thread cannot be stopped, a process can. A timed-out
-  answer counts as wrong and its worker is replaced.
+  on adversarial answers, and a hung thread cannot be stopped, a process can. A worker past its
+  deadline, or one that dies, is replaced and the answer is graded again once on the fresh
+  worker (so a stalled or killed worker does not change a reward); a second failure counts the
+  answer as wrong.
 - MathRuler's sympy path compiles the normalized answer with sympy's parser, which evaluates
-  the Python it builds. The workers refuse anything but arithmetic there (attribute access,
-  dunders, quotes, brackets, assignments, statements), so no response text runs as code.
+  the Python it builds. The workers let only small plain arithmetic through
+  (`papo._answer_guard`: ASCII only, no attribute access, quotes or brackets, names and calls
+  from an allowlist, bounded exponents, factorials and digit counts), so no response text runs
+  as code and no answer builds a number too large to finish in time.
 - Answers longer than `max_answer_chars` (default 1000) are graded wrong unread.
 """
 
@@ -29,12 +33,14 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
 
 GRADERS = ("mathruler", "math_verify")
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MAX_ANSWER_CHARS = 1000
+DEFAULT_RETRIES = 1
 # The worker imports sympy and the grader before answering: allow for a slow, loaded machine.
 _STARTUP_TIMEOUT_S = 120.0
 
@@ -115,8 +121,9 @@ def extract_boxed(response: str) -> str:
 
 # ---------------------------------------------------------------------- worker processes
 
-# Refused by the guarded sympy parse in the workers: everything that is not plain arithmetic on
-# numbers and short names (MathRuler itself refuses expressions with more than two letters).
+# The textual first stage of the workers' guard (papo._answer_guard): everything that is not plain
+# arithmetic on numbers and short names (MathRuler itself refuses expressions with more than two
+# letters).
 _UNSAFE_EXPR = re.compile(r"__|\.\s*[A-Za-z_]|[\"'`;:@#$\\\[\]{}=]|lambda")
 
 
@@ -134,6 +141,7 @@ class _Worker:
         )
         self.job: int | None = None
         self.deadline = 0.0
+        self.started = 0.0
         if not wait([self.process.stdout], timeout=_STARTUP_TIMEOUT_S):
             self.kill()
             raise RuntimeError(f"the {backend} grading worker did not start within {_STARTUP_TIMEOUT_S} s")
@@ -167,23 +175,45 @@ class _Worker:
             stream.close()
 
 
+@dataclass
+class GraderStats:
+    """What an AnswerGrader's workers went through (cumulative over its lifetime)."""
+
+    attempts: int = 0
+    """Answers sent to a worker (retries included)."""
+    timeouts: int = 0
+    """Attempts stopped at their deadline (the worker was killed)."""
+    worker_deaths: int = 0
+    """Attempts whose worker exited or broke the protocol before replying."""
+    retries: int = 0
+    """Attempts repeated on a fresh worker after a timeout or a death."""
+    slowest_attempt_s: float = 0.0
+    """Longest time from sending an answer to its reply or to killing its worker."""
+
+
 class AnswerGrader:
     """Grades answers in worker processes with a deadline per answer.
 
     Thread-safe (calls are serialized). Workers are separate interpreters started lazily (safe
     with CUDA and threads in the parent, and they never re-run the trainer's main script), and
-    are killed and replaced when an answer runs past its deadline.
+    are killed and replaced when an answer runs past its deadline or their process dies; the
+    answer is then graded again on the fresh worker, up to `retries` times.
 
     Args:
         backend: "mathruler" (the paper's grader) or "math_verify".
-        timeout: seconds allowed per answer (> 0); past it the answer is graded wrong.
+        timeout: seconds allowed per attempt at an answer (> 0).
         num_workers: worker processes (>= 1) grading in parallel in `grade_many`.
         max_answer_chars: answers longer than this are graded wrong without parsing; None
             grades everything (the official code has no limit).
+        retries: further attempts (>= 0) on a fresh worker for an answer whose worker timed
+            out or died; after them the answer is graded wrong. The default 1 keeps a worker
+            killed from outside (out of memory, a stall of the machine) from changing a reward,
+            at the price of a second deadline for an answer that hangs every time.
     """
 
     def __init__(self, backend: str = "mathruler", *, timeout: float = DEFAULT_TIMEOUT_S,
-                 num_workers: int = 1, max_answer_chars: int | None = DEFAULT_MAX_ANSWER_CHARS) -> None:
+                 num_workers: int = 1, max_answer_chars: int | None = DEFAULT_MAX_ANSWER_CHARS,
+                 retries: int = DEFAULT_RETRIES) -> None:
         if backend not in GRADERS:
             raise ValueError(f"backend must be one of {GRADERS}, got {backend!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -192,11 +222,14 @@ class AnswerGrader:
             raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
         if max_answer_chars is not None and (not isinstance(max_answer_chars, int) or max_answer_chars < 1):
             raise ValueError(f"max_answer_chars must be None or an int >= 1, got {max_answer_chars!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
         self.backend = backend
         self.timeout = float(timeout)
         self.num_workers = num_workers
         self.max_answer_chars = max_answer_chars
-        self.num_timeouts = 0
+        self.retries = retries
+        self.stats = GraderStats()
         self._workers: list[_Worker | None] = [None] * num_workers
         self._lock = threading.Lock()
 
@@ -237,9 +270,27 @@ class AnswerGrader:
                 self._run(pairs, pending, results)
         return [bool(r) for r in results]
 
+    @property
+    def num_timeouts(self) -> int:
+        """Attempts stopped at their deadline (`stats.timeouts`)."""
+        return self.stats.timeouts
+
     def _run(self, pairs, pending: list[int], results: list) -> None:
         queue = list(reversed(pending))
+        attempts = dict.fromkeys(pending, 0)
         busy: dict[int, _Worker] = {}
+        stats = self.stats
+
+        def failed(slot: int, worker: _Worker) -> None:
+            """No trustworthy reply for worker.job: replace the worker, then try again or give up."""
+            self._discard(slot)
+            del busy[slot]
+            if attempts[worker.job] <= self.retries:
+                stats.retries += 1
+                queue.append(worker.job)  # next to be sent, to a fresh worker
+            else:
+                results[worker.job] = False
+
         try:
             while queue or busy:
                 for slot in range(self.num_workers):
@@ -253,28 +304,41 @@ class AnswerGrader:
                     job = queue.pop()
                     given, truth = pairs[job]
                     busy[slot] = worker
-                    worker.job, worker.deadline = job, time.monotonic() + self.timeout
-                    worker.send(job, given, truth)
+                    attempts[job] += 1
+                    stats.attempts += 1
+                    worker.started = time.monotonic()
+                    worker.job, worker.deadline = job, worker.started + self.timeout
+                    try:
+                        worker.send(job, given, truth)
+                    except OSError:  # it died between two answers: its pipe is closed
+                        stats.worker_deaths += 1
+                        failed(slot, worker)
+                if not busy:
+                    continue
                 now = time.monotonic()
                 next_deadline = min(w.deadline for w in busy.values())
                 ready = wait([w.stdout for w in busy.values()], timeout=max(0.0, next_deadline - now))
                 for slot, worker in list(busy.items()):
                     if worker.stdout in ready:
+                        stats.slowest_attempt_s = max(stats.slowest_attempt_s,
+                                                      time.monotonic() - worker.started)
                         try:
                             job, grade = worker.receive()
                         except (EOFError, OSError, ValueError):  # the worker died (e.g. out of memory)
-                            job, grade = worker.job, False
-                            self._discard(slot)
+                            stats.worker_deaths += 1
+                            failed(slot, worker)
+                            continue
                         if job != worker.job:  # a reply that is not for this job: never trust it
-                            job, grade = worker.job, False
-                            self._discard(slot)
+                            stats.worker_deaths += 1
+                            failed(slot, worker)
+                            continue
                         results[job] = grade
                         del busy[slot]
                     elif time.monotonic() >= worker.deadline:
-                        self.num_timeouts += 1
-                        results[worker.job] = False
-                        self._discard(slot)
-                        del busy[slot]
+                        stats.timeouts += 1
+                        stats.slowest_attempt_s = max(stats.slowest_attempt_s,
+                                                      time.monotonic() - worker.started)
+                        failed(slot, worker)
         finally:
             # An exception mid-loop (a worker that fails to start, a broken pipe) must not leave a
             # worker holding a reply that a later call would read as its own.

@@ -68,6 +68,8 @@ def _validate(
     for name, t in (*hiddens.items(), ("weight", weight), ("targets", targets)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_strategy(strategy)
@@ -78,6 +80,8 @@ def _validate(
     vocab, hid = weight.shape
     if vocab == 0:
         raise ValueError("weight must have at least one vocabulary row, got shape (0, H)")
+    if hid == 0:
+        raise ValueError(f"weight must have a hidden size H >= 1, got shape ({vocab}, 0)")
     first = next(iter(hiddens))
     for name, h in hiddens.items():
         if h.dim() < 2:

@@ -90,6 +90,34 @@ def test_aggregation_and_scale_hand_values(agg, divisor, scale, kwargs, expected
     assert out.loss.item() == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("agg, divisor", [("token-mean", None), ("seq-mean-token-mean", None),
+                                          ("seq-mean-token-sum", None), ("seq-sum-norm", 8)])
+@pytest.mark.parametrize("scale, kwargs, tokens", [
+    ("microbatch", dict(num_micro_batches=2), 4 * 2),
+    ("global", dict(num_valid_tokens=8, num_valid_sequences=4), 8),
+])
+def test_entropy_terms_are_token_means_whatever_the_aggregation(agg, divisor, scale, kwargs, tokens):
+    """Official dp_actor: entropy_loss = -masked_mean(log_probs) (and the masked view's) however the
+    policy loss is averaged; with loss_agg != token-mean only the other terms follow loss_agg."""
+    cfg = PAPOConfig(gamma=0.0, eta_full=0.1, eta_masked=0.2, loss_agg=agg, loss_scale=scale,
+                     seq_sum_norm_divisor=divisor)
+    mask = torch.tensor(RAGGED_MASK + [[0] * 4])  # 3 + 1 tokens and a padding row
+    logp = t([[-1.0, -2.0, -3.0, 0.0], [-4.0, 0.0, 0.0, 0.0], [0.0] * 4]).requires_grad_(True)
+    masked = t([[-0.5, -0.5, -0.5, 0.0], [-2.5, 0.0, 0.0, 0.0], [0.0] * 4])
+    zero = torch.zeros(3, dtype=F64)  # A = 0: the policy term vanishes
+    out = papo_loss(logp, logp.detach(), zero, mask, config=cfg, masked_logp=masked, **kwargs)
+    assert out.loss.item() == pytest.approx((0.1 * 10 + 0.2 * 4) / tokens, rel=1e-12)
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, -0.1 * mask.to(F64) / tokens)  # every token weighs the same
+    # the policy term still follows loss_agg (test_aggregation_and_scale_hand_values)
+    with_policy = papo_loss(logp.detach(), logp.detach(), t(RAGGED_ADV + [[5.0] * 4]), mask, config=cfg,
+                            masked_logp=masked, **kwargs)
+    policy_only = papo_loss(logp.detach(), logp.detach(), t(RAGGED_ADV + [[5.0] * 4]), mask,
+                            config=PAPOConfig(gamma=0.0, eta_full=0.0, eta_masked=0.0, loss_agg=agg,
+                                              loss_scale=scale, seq_sum_norm_divisor=divisor), **kwargs)
+    assert with_policy.loss.item() == pytest.approx(policy_only.loss.item() + out.loss.item(), rel=1e-12)
+
+
 @pytest.mark.parametrize(
     "scale, agg, missing",
     [("microbatch", "token-mean", "num_micro_batches"),

@@ -121,8 +121,9 @@ def test_online_filter_keeps_mixed_groups_and_refills_the_batch(assets, tmp_path
     for uid, g in groups.items():
         assert uid % 3 == 2, uid  # only groups with 0 < mean accuracy < 1
         assert all(s.advantage != 0 for s in g)
-    assert rec["filter/kept_groups"] == cfg.trainer.rollout_batch_size
-    assert rec["filter/tries"] >= 2 and rec["filter/prompts_seen"] >= 3 * cfg.trainer.rollout_batch_size - 2
+    assert rec["filter/kept_groups"] >= cfg.trainer.rollout_batch_size  # over all tries
+    assert rec["filter/tries"] >= 2
+    assert rec["filter/prompts_seen"] == rec["filter/tries"] * cfg.trainer.rollout_batch_size
     assert rec["reward/accuracy"] == pytest.approx(0.5)
 
 

@@ -211,10 +211,18 @@ def test_images_and_placeholders_are_passed_per_prompt():
     assert reqs[0]["prompt_token_ids"] == [1, 2, VSTART, PAD, VEND, VSTART, PAD, VEND, 3, 4]
     assert reqs[1] == {"prompt_token_ids": [1, 2, 3]}
     assert reqs[2]["prompt_token_ids"] == [7, 8, VSTART, PAD, VEND, 9]
-    # each image resized to its grid x 14 px (PIL sizes are width, height); the already exact one kept
-    assert [im.size for im in reqs[0]["multi_modal_data"]["image"]] == [(84, 56), (28, 28)]
-    assert reqs[0]["multi_modal_data"]["image"][1].getpixel((0, 0)) == (10, 20, 30)  # the second image
+    # the images go as the trainer's processor received them: vLLM's processor resizes them with
+    # the same defaults (PIL sizes are width, height)
+    assert reqs[0]["multi_modal_data"]["image"] == two.raw_images
+    assert all(a is b for a, b in zip(reqs[0]["multi_modal_data"]["image"], two.raw_images))
     assert reqs[2]["multi_modal_data"]["image"][0] is one.raw_images[0]
+    # with vLLM's processor limits known, every grid is checked before anything is sent
+    checked = make_engine(image_limits=(28 * 28, 10**7))
+    checked.generate([two, none, one], SamplingParams(n=1, max_new_tokens=3))
+    assert len(checked.llm.calls) == 1
+    grids = r"prompt 0, image 1: .* 6 x 4 patch grid, the trainer's processor gave 2 x 2"
+    with pytest.raises(ValueError, match=grids):
+        make_engine(image_limits=(56 * 56, 10**7)).generate([two], SamplingParams(n=1, max_new_tokens=3))
 
     text_eng = make_engine(prompt_format="text")
     text_eng.generate([one], SamplingParams(n=1, max_new_tokens=3))
@@ -238,9 +246,9 @@ def test_missing_or_inconsistent_images_are_clear_errors():
     assert eng.llm.calls == []  # nothing was sent
 
 
-def test_grid_sized_image_gives_the_processor_the_same_grid(tiny):
-    """vLLM runs the HF processor on the image we send: the grid-sized raw image must give the grid
-    (and nearly the pixels) the trainer's processor produced from the same prompt."""
+def test_sent_image_gives_the_processor_the_same_grid(tiny):
+    """vLLM runs the HF processor, with the model directory's defaults, on the image we send: it must
+    give the grid and the pixels the trainer's processor produced from the same prompt."""
     from train.batching import encode_prompt
     from train.data import format_prompt
     from train.rollout import SamplingParams
@@ -260,10 +268,9 @@ def test_grid_sized_image_gives_the_processor_the_same_grid(tiny):
     eng.generate([enc], SamplingParams(n=1, max_new_tokens=2))
     req = eng.llm.calls[0][0][0]
     sent = req["multi_modal_data"]["image"][0]
-    bounds = {"shortest_edge": SMALL["min_pixels"], "longest_edge": SMALL["max_pixels"]}
-    again = processor.image_processor(images=[sent], return_tensors="pt", size=bounds)
+    again = processor.image_processor(images=[sent], return_tensors="pt")  # vLLM runs it with its defaults
     assert torch.equal(again["image_grid_thw"], enc.image_grid_thw)
-    assert (again["pixel_values"] - enc.pixel_values).abs().mean() < 0.05
+    assert torch.equal(again["pixel_values"], enc.pixel_values)
     # the prompt ids vLLM gets re-expand to ours: one placeholder -> grid/4 image tokens
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     n_tokens = int(enc.image_grid_thw.prod()) // 4
@@ -430,8 +437,10 @@ def test_trainer_step_with_the_fake_vllm_engine(tiny, tmp_path, monkeypatch):
         assert (kw["gpu_memory_utilization"], kw["dtype"], kw["tensor_parallel_size"]) == (0.5, "bfloat16", 1)
         # in-process engine even in a one-process run: sync_weights reaches its model directly
         assert kw["distributed_executor_backend"] == "external_launcher"
-        # vLLM's processor must admit the grids of training and of evaluation (smaller minimum)
-        assert kw["mm_processor_kwargs"] == {"min_pixels": 1568, "max_pixels": cfg.data.max_pixels}
+        # vLLM's processor runs with the model directory's defaults, as the trainer's does; the engine
+        # read them to check every grid
+        assert "mm_processor_kwargs" not in kw
+        assert tr.rollout.image_limits == (cfg.model.tiny.min_pixels, cfg.model.tiny.max_pixels)
         assert tr.rollout.eos_ids == eos_ids_of(tr.module.policy, tr.tokenizer)  # HF engine's stop ids
         assert tr.rollout.patch_size == 14
         llm.eos = tr.tokenizer.convert_tokens_to_ids("<|im_end|>")

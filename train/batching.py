@@ -28,8 +28,9 @@ class EncodedPrompt:
     pixel_values: [P, C*t*p*p] float32 patches of all the prompt's images (None if no image).
     masked_pixel_values: same shape, from the masked images (None until masking).
     image_grid_thw: [num_images, 3] int64 (None if no image).
-    raw_images: the prompt's original (unmasked) RGB PIL images after `process_image`, i.e.
-        what the processor patchified; engines that preprocess images themselves (vLLM) need them.
+    raw_images: the prompt's original (unmasked) RGB PIL images after `process_image` (bounded
+        to the data's pixel limits), i.e. what the processor patchified with its defaults;
+        engines that preprocess images themselves (vLLM) need them.
     prompt_text: the chat-templated prompt text (one `<|vision_start|><|image_pad|><|vision_end|>`
         per image, unexpanded).
     """
@@ -55,15 +56,15 @@ def encode_prompt(processor, prompt: str, images, *, min_pixels: int, max_pixels
                   masked_images=None) -> EncodedPrompt:
     """Encode a formatted prompt (with `<image>` placeholders) and its raw PIL images.
 
-    Images (and `masked_images`, if given) are resized with `process_image`
-    first, then the processor patchifies them with the same pixel bounds, so
-    both views get identical grids.
+    Images (and `masked_images`, if given) are first bounded to [min_pixels, max_pixels]
+    with `process_image` (the official `process_image` on the raw image), then the processor
+    patchifies them with its own defaults (the checkpoint's preprocessor config), as the
+    official pipeline does: both views get identical grids, and vLLM, whose processor reads
+    the same config, gets them too from the same bounded images.
     """
     images = [process_image(im, min_pixels=min_pixels, max_pixels=max_pixels) for im in images]
     text = prompt_text(processor, build_messages(prompt))
-    kwargs = dict(text=[text], return_tensors="pt")
-    img_kwargs = {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}} if images else {}
-    enc = processor(images=images or None, **kwargs, **img_kwargs)
+    enc = processor(images=images or None, text=[text], return_tensors="pt")
     out = EncodedPrompt(
         input_ids=enc["input_ids"][0],
         mm_token_type_ids=enc["mm_token_type_ids"][0] if "mm_token_type_ids" in enc
@@ -81,7 +82,7 @@ def encode_prompt(processor, prompt: str, images, *, min_pixels: int, max_pixels
             if a.size != b.size:
                 raise ValueError(f"a masked image changed size: {a.size} -> {b.size}")
         if masked:
-            menc = processor.image_processor(images=masked, return_tensors="pt", **img_kwargs)
+            menc = processor.image_processor(images=masked, return_tensors="pt")
             if not torch.equal(menc["image_grid_thw"], out.image_grid_thw):
                 raise ValueError("masked images produced a different image grid than the originals")
             out.masked_pixel_values = menc["pixel_values"]

@@ -104,6 +104,11 @@ class ModelConfig:
     float32 runs. Rollouts sample from the model's own head."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Optional LoRA adapters (`lora.rank` > 0)."""
+    ref_offload: bool = False
+    """Presets with a reference KL (papo.beta > 0): keep the reference policy's parameters in
+    CPU memory (DeepSpeed ZeRO-3 parameter offload, whatever trainer.zero_stage is) and fetch
+    them layer by layer for its forward. Off: the reference sits on the device, in the
+    policy's dtype, sharded over the ranks under ZeRO-3 and replicated under ZeRO 0-2."""
 
     def __post_init__(self) -> None:
         if isinstance(self.tiny, dict):  # YAML gives a mapping; keep the spec's own validation
@@ -143,6 +148,7 @@ class SyntheticDataConfig:
                  f"must be in [0, 1], got {self.hint_accuracy}")
         _require(self.n_train > 0, "data.synthetic.n_train", f"must be > 0, got {self.n_train}")
         _require(self.n_val > 0, "data.synthetic.n_val", f"must be > 0, got {self.n_val}")
+        _require(self.seed >= 0, "data.synthetic.seed", f"must be >= 0, got {self.seed}")
         _require(self.image_size >= 28, "data.synthetic.image_size", f"must be >= 28, got {self.image_size}")
         allowed = ("count", "colour", "size", "bar")
         for t in self.tasks:
@@ -189,6 +195,8 @@ class DataConfig:
                  f"need 0 < min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
         _require(self.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
         _require(self.max_response_length > 0, "data.max_response_length", "must be > 0")
+        # numpy's generators take non-negative seeds only (the sampler seeds with [seed, epoch])
+        _require(self.shuffle_seed >= 0, "data.shuffle_seed", f"must be >= 0, got {self.shuffle_seed}")
 
 
 @dataclass(kw_only=True)
@@ -346,6 +354,9 @@ class CheckpointConfig:
     """Continue from the newest complete checkpoint in `<out_dir>/checkpoints` if any."""
     export_hf: bool = True
     """Write the final weights in HF format to `<out_dir>/hf_model` (ZeRO-3 shards consolidated)."""
+    allow_changed_keys: list[str] = field(default_factory=list)
+    """Settings (dotted keys of train.trainer.RESUME_INVARIANT_KEYS, e.g. "optim.lr") allowed to differ
+    from the checkpoint's when resuming; without them a resume under other values is refused."""
 
     def __post_init__(self) -> None:
         _require(self.save_every >= 0, "checkpoint.save_every", "must be >= 0")
@@ -458,9 +469,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.papo, dict), "papo", f"must be a mapping, got {type(self.papo).__name__}")
+        # numpy's generators take non-negative seeds only (masks and sampling seed with [seed, ...])
+        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _require(self.log_every >= 1, "log_every", "must be >= 1")
         _require(self.num_threads >= 0, "num_threads", "must be >= 0")
         _require((self.trainer.rollout_batch_size * self.rollout.n) >= 1, "rollout.n", "must be >= 1")
+        self.papo_config()  # a bad papo key or value fails when the config loads, not at the first step
 
     def papo_config(self):
         """The validated `papo.PAPOConfig` of the `papo` section."""
@@ -544,11 +558,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ConfigError(f"{key}: must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {value!r}")
+        # no field means anything by inf or nan; both would pass a "> 0" check and fail later
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -613,19 +630,45 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     return _build(RunConfig, data, "")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML config file, raising ConfigError naming the file for invalid YAML."""
+    try:
+        with path.open(encoding="utf-8") as f:  # a stream, so that YAML errors name the file and line
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults if `path` is None) and apply overrides.
 
-    Raises ConfigError naming the dotted key for unknown keys, wrong types or bad values,
-    and FileNotFoundError for a missing file.
+    Raises ConfigError naming the dotted key for unknown keys, wrong types or bad values
+    (and naming the file for invalid YAML or a repeated key), and FileNotFoundError for a
+    missing file.
     """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text())
-        data = loaded or {}
+        data = read_yaml(p) or {}
     return config_from_dict(data, overrides)
 
 

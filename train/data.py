@@ -6,10 +6,12 @@ ViRL39K format (docs/algorithm.md): one row per question with `problem`
 raw bytes or file paths). `load_records` reads it from local parquet / arrow /
 jsonl files, `save_to_disk` directories or directories of such files, first
 through `datasets` and, if that trips (the official code's "'List' feature
-type" issue), through pandas. `VisionRLDataset` decodes images to PIL,
-resizes them to [min_pixels, max_pixels], drops prompts longer than
-`max_prompt_length` tokens (image tokens included) and skips undecodable
-images, counting both.
+type" issue), through pandas. `VisionRLDataset` decodes images to 8-bit
+RGB PIL images (every mode converted once, at load), drops prompts longer
+than `max_prompt_length` tokens (image tokens included) and skips
+undecodable images, counting both. `process_image` bounds a raw image to
+[min_pixels, max_pixels]; the Qwen processor then runs with its own
+defaults (`processor_grid`), as in the official pipeline.
 
 The synthetic task has answers that need the image (shape counts, colours,
 relative sizes, tallest bar); with every image blacked out no policy can beat
@@ -41,6 +43,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from papo.images import load_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -81,39 +85,31 @@ def build_messages(prompt: str) -> list[dict[str, Any]]:
 
 
 def decode_image(item: Any, *, base_dir: str | None = None) -> Image.Image:
-    """Decode one stored image to a fully loaded PIL image.
+    """Decode one stored image to a fully loaded 8-bit RGB PIL image.
 
     Accepts a PIL image, a `{"bytes", "path"}` dict (the parquet storage of
     `datasets.Image`), raw bytes or a file path (relative paths resolve
-    against `base_dir`). Raises ValueError for anything undecodable.
+    against `base_dir`). Every mode (palette, 1-bit, gray, alpha, CMYK,
+    16-bit, float) is converted to RGB here, once (`papo.images.to_rgb`): both
+    views of a prompt, the original and the masked one, start from these pixels.
+    Raises ValueError for anything undecodable (truncated files included).
     """
+    if isinstance(item, dict) and item.get("bytes") is None and item.get("path"):
+        return decode_image(item["path"], base_dir=base_dir)
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        item = Path(base_dir) / path if not path.is_absolute() and base_dir is not None else path
+    if not isinstance(item, (Image.Image, dict, bytes, bytearray, str, os.PathLike)):
+        raise ValueError(f"unsupported image value of type {type(item).__name__}")
     try:
-        if isinstance(item, Image.Image):
-            img = item
-        elif isinstance(item, dict):
-            if item.get("bytes") is not None:
-                img = Image.open(io.BytesIO(item["bytes"]))
-            elif item.get("path"):
-                return decode_image(item["path"], base_dir=base_dir)
-            else:
-                raise ValueError("image dict has neither 'bytes' nor 'path'")
-        elif isinstance(item, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(item))
-        elif isinstance(item, (str, os.PathLike)):
-            path = Path(item)
-            if not path.is_absolute() and base_dir is not None:
-                path = Path(base_dir) / path
-            img = Image.open(path)
-        else:
-            raise ValueError(f"unsupported image value of type {type(item).__name__}")
-        img.load()  # force the full decode here so truncated files fail now, not in the processor
-    except ValueError:
-        raise
+        img = load_image(item)  # loads fully: truncated files fail now, not in the processor
+        if img.width <= 0 or img.height <= 0:
+            raise ValueError(f"image has zero size {img.size}")
+        return to_rgb(img)
+    except ValueError as e:
+        raise ValueError(f"undecodable image: {e}") from e
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError)
         raise ValueError(f"undecodable image: {type(e).__name__}: {e}") from e
-    if img.width <= 0 or img.height <= 0:
-        raise ValueError(f"image has zero size {img.size}")
-    return img
 
 
 def image_size(item: Any, *, base_dir: str | None = None) -> tuple[int, int]:
@@ -151,25 +147,48 @@ def resized_size(width: int, height: int, *, min_pixels: int, max_pixels: int) -
 def process_image(img: Image.Image, *, min_pixels: int, max_pixels: int) -> Image.Image:
     """EasyR1's `process_image`: downscale to <= max_pixels, upscale to >= min_pixels, RGB.
 
-    Applied after masking (the official masking works on the raw image), to the
-    original and the masked copy alike, so both get the same grid.
+    The bounds apply to the raw image, before the Qwen processor (which then runs with its
+    own defaults, `processor_grid`), as the official pipeline does. Applied after masking
+    (the official masking works on the raw image), to the original and the masked copy alike,
+    so both get the same grid.
     """
     w, h = resized_size(img.width, img.height, min_pixels=min_pixels, max_pixels=max_pixels)
     if (w, h) != img.size:
         img = img.resize((w, h))
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return img
+    return to_rgb(img)
 
 
-def num_image_tokens(width: int, height: int, *, min_pixels: int, max_pixels: int,
-                     patch_size: int = 14, merge_size: int = 2) -> int:
-    """LLM tokens Qwen2.5-VL spends on an image of this (already processed) size."""
+def processor_pixel_limits(image_processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) a Qwen2-VL image processor resizes to when called with its
+    defaults (a checkpoint's preprocessor_config.json; Qwen2.5-VL's: 3136 and 12,845,056)."""
+    size = getattr(image_processor, "size", None)
+    get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
+    lo = get("shortest_edge", None) or getattr(image_processor, "min_pixels", None)
+    hi = get("longest_edge", None) or getattr(image_processor, "max_pixels", None)
+    if lo is None or hi is None:
+        raise ValueError(f"{type(image_processor).__name__} has no min/max pixel limits "
+                         "(size.shortest_edge and size.longest_edge, or min_pixels and max_pixels): "
+                         "not a Qwen2-VL image processor")
+    return int(lo), int(hi)
+
+
+def processor_grid(image_processor, width: int, height: int) -> tuple[int, int]:
+    """(grid_h, grid_w) in vision patches that the processor's defaults give an image of this
+    (already bounded) size: Qwen's `smart_resize` to multiples of patch x merge pixels."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-    factor = patch_size * merge_size
-    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return (h // patch_size) * (w // patch_size) // (merge_size * merge_size)
+    lo, hi = processor_pixel_limits(image_processor)
+    patch = int(getattr(image_processor, "patch_size", 14))
+    merge = int(getattr(image_processor, "merge_size", 2))
+    h, w = smart_resize(height, width, factor=patch * merge, min_pixels=lo, max_pixels=hi)
+    return h // patch, w // patch
+
+
+def num_image_tokens(image_processor, width: int, height: int) -> int:
+    """LLM tokens Qwen2.5-VL spends on an image of this (already bounded) size."""
+    gh, gw = processor_grid(image_processor, width, height)
+    merge = int(getattr(image_processor, "merge_size", 2))
+    return gh * gw // (merge * merge)
 
 
 # --------------------------------------------------------------------------- loading
@@ -229,8 +248,46 @@ def _load_with_pandas(path: Path, split: str) -> list[dict[str, Any]]:
             f"no parquet files for split {split!r} under {path} (looked for {split}-*.parquet, "
             f"{split}.parquet, data/{split}-*.parquet)"
         )
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    frames = []
+    for f in files:
+        try:
+            frames.append(pd.read_parquet(f))
+        except Exception as e:  # pyarrow's errors name neither the role of the file nor a remedy
+            raise ValueError(f"dataset file {f} is not a readable parquet file "
+                             f"({type(e).__name__}: {e})") from e
+    frame = pd.concat(frames, ignore_index=True)
     return frame.to_dict(orient="records")
+
+
+def _load_json_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON Lines file (or a .json array), with the line of the first bad row named.
+
+    The fallback for files `datasets` cannot load: its errors point inside pyarrow, not at the
+    line to fix; rows with differing value types (which pyarrow refuses) load here as they are.
+    """
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset file {path} is not valid JSON: {e}") from None
+        numbered = list(enumerate(rows, start=1))
+        what = "element"
+    else:
+        numbered = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"dataset file {path} line {n} is not valid JSON: {e}") from None
+        what = "line"
+    for n, row in numbered:
+        if not isinstance(row, dict):
+            raise ValueError(f"dataset file {path} {what} {n} must be a JSON object (one row with "
+                             f"problem/answer/images fields), got {type(row).__name__}")
+    return [row for _, row in numbered]
 
 
 class _ImagesUndecoded:
@@ -278,8 +335,13 @@ def load_records(path: str | os.PathLike, split: str = "train") -> Sequence[dict
     try:
         return _ImagesUndecoded(_load_with_datasets(p, split))
     except Exception as e:  # noqa: BLE001 - any datasets failure takes the spec's fallback path
+        if p.is_file() and p.suffix in (".jsonl", ".json"):
+            rows = _load_json_rows(p)
+            if not rows:
+                raise ValueError(f"dataset file {p} has no rows") from None
+            return rows
         if p.is_file() and p.suffix != ".parquet":
-            raise
+            raise ValueError(f"dataset file {p} cannot be read ({type(e).__name__}: {e})") from e
         log.warning("datasets could not load %s (%s: %s); falling back to pandas", p, type(e).__name__, e)
         return _load_with_pandas(p, split)
 
@@ -306,14 +368,15 @@ class VisionRLDataset:
 
     Each item is a dict: `uid` (row index in the source), `problem`, `answer`,
     `prompt` (the formatted text with `<image>` placeholders), `messages`
-    (chat segments), `images` (decoded raw PIL images, before masking and
-    resizing) and `num_prompt_tokens`.
+    (chat segments) and `images` (decoded RGB PIL images, before masking and
+    resizing).
 
     Args:
         records: rows from `load_records`.
         processor: a Qwen2.5-VL processor (its tokenizer and chat template are used).
         prompt_key, answer_key, image_key: field names (ViRL39K: problem/answer/images).
-        min_pixels, max_pixels: image resize bounds (official 200,704 and 1,003,520).
+        min_pixels, max_pixels: bounds on the raw image's pixel count (`process_image`;
+            official 200,704 and 1,003,520); the processor's own limits apply after them.
         max_prompt_length: prompts longer than this many tokens, image tokens
             included, are dropped and counted.
         base_dir: directory that relative image paths resolve against.
@@ -354,7 +417,9 @@ class VisionRLDataset:
             return []
         if isinstance(images, (dict, str, bytes, Image.Image)):
             return [images]
-        return list(images)  # list or numpy object array (pandas path)
+        if not isinstance(images, (list, tuple, np.ndarray)):  # numpy object array: the pandas path
+            raise ValueError(f"{self.image_key!r} must be a list of images, got {type(images).__name__}")
+        return list(images)
 
     def _prompt_tokens(self, prompt: str, sizes: list[tuple[int, int]]) -> int:
         text = self.processor.apply_chat_template(build_messages(prompt), add_generation_prompt=True,
@@ -363,7 +428,7 @@ class VisionRLDataset:
         n_img = 0
         for w, h in sizes:
             w, h = resized_size(w, h, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-            n_img += num_image_tokens(w, h, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            n_img += num_image_tokens(self.processor.image_processor, w, h)
         # each image's single <|image_pad|> in `text` expands to n image tokens
         return n_text - len(sizes) + n_img
 
@@ -376,7 +441,12 @@ class VisionRLDataset:
                 self.stats.bad_rows += 1
                 self.stats.note(f"row {i}: {self.prompt_key!r} not a string or {self.answer_key!r} missing")
                 continue
-            images = self._images_of(row)
+            try:
+                images = self._images_of(row)
+            except ValueError as e:
+                self.stats.bad_rows += 1
+                self.stats.note(f"row {i}: {e}")
+                continue
             if problem.count(IMAGE_PLACEHOLDER) != len(images):
                 self.stats.bad_rows += 1
                 self.stats.note(f"row {i}: {problem.count(IMAGE_PLACEHOLDER)} <image> placeholders "
@@ -388,7 +458,13 @@ class VisionRLDataset:
                 self.stats.undecodable += 1
                 self.stats.note(f"row {i}: {e}")
                 continue
-            if self._prompt_tokens(format_prompt(problem), sizes) > self.max_prompt_length:
+            try:
+                n_tokens = self._prompt_tokens(format_prompt(problem), sizes)
+            except ValueError as e:  # the Qwen processor refuses some sizes (aspect ratio above 200)
+                self.stats.bad_rows += 1
+                self.stats.note(f"row {i}: image refused by the image processor: {e}")
+                continue
+            if n_tokens > self.max_prompt_length:
                 self.stats.overlong += 1
                 continue
             keep.append(i)

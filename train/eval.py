@@ -31,6 +31,9 @@ def evaluate_dataset(engine: RolloutEngine, processor, dataset, *, k: int, tempe
                      grader=None, rank: int = 0, world: int = 1, batch_questions: int = 64) -> dict[str, Any]:
     """avg@k of `engine` on a VisionRLDataset; ranks split the questions and all-reduce.
 
+    With several ranks every rank calls `engine.generate` the same number of times (possibly
+    with no prompts), however unevenly the questions split.
+
     Returns {"avg@k": float, "format": float, "questions": int, "by_category": {name: avg@k}}.
     """
     from papo.rewards import compute_score
@@ -39,7 +42,12 @@ def evaluate_dataset(engine: RolloutEngine, processor, dataset, *, k: int, tempe
     mine = list(range(rank, n, world))
     per_cat: dict[str, list[float]] = defaultdict(list)
     acc_sum = fmt_sum = 0.0
-    for start in range(0, len(mine), batch_questions):
+    # Every rank makes the same number of `generate` calls, sized by the largest shard: an
+    # engine may run collectives inside (ZeRO-3 gathers the weights once per call), and with
+    # uneven shards (e.g. 257 questions on 4 ranks) a rank with fewer chunks would leave the
+    # others waiting in a collective it never joins. A rank past its shard sends no prompts.
+    largest_shard = -(-n // world)
+    for start in range(0, largest_shard if world > 1 else len(mine), batch_questions):
         chunk = mine[start: start + batch_questions]
         items = [dataset[i] for i in chunk]
         encs = []
@@ -51,6 +59,8 @@ def evaluate_dataset(engine: RolloutEngine, processor, dataset, *, k: int, tempe
         params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 seed=seed * 7_919 + start + 1)
         completions = engine.generate(encs, params)
+        if not items:
+            continue
         texts = [processor.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                  for comps in completions for c in comps]
         truths = [it["answer"] for it in items for _ in range(k)]

@@ -7,7 +7,8 @@
  3. roll out `rollout.n` responses per prompt (`RolloutEngine`);
  4. rewards (`papo.rewards.compute_score`: 0.9 accuracy + 0.1 format);
  5. group advantages (`papo.advantages`), with the DAPO online filter and its
-    regenerate-until-full loop when `papo.online_filter` is set;
+    regenerate-until-full loop when `papo.online_filter` is set (decided on counts over
+    all ranks, the kept groups then spread evenly over the ranks);
  6. one no-grad pass per view with the rollout weights: old log-probs and the
     masked log-probs from `papo_kernels.two_view_stats` (which also yields the
     exact perception KL and both full-vocabulary entropies as monitors), and
@@ -23,8 +24,11 @@
 
 Checkpoints (DeepSpeed state + trainer state: step, data cursor, RNG) are
 written to a temporary directory and renamed into place, so a kill during a
-write never replaces the previous good one; `train()` resumes from the newest
-complete checkpoint. Metrics go to `<out_dir>/metrics.jsonl` (and TensorBoard). At the end,
+write never replaces the previous good one; a failed write (a full disk) removes
+its partial copy and stops the run with `CheckpointError`. `train()` resumes from
+the newest complete checkpoint, and refuses one written by another number of
+ranks or under another value of a setting its contents depend on
+(`RESUME_INVARIANT_KEYS`). Metrics go to `<out_dir>/metrics.jsonl` (and TensorBoard). At the end,
 `<out_dir>/eval.md` and `eval_final.json` compare the step-0 (warm-started) and final avg@k
 on the same validation questions, with the black-image check when `eval.black_images` is
 set, and `<out_dir>/plots/` holds the curves of `python -m train.plot`.
@@ -33,7 +37,6 @@ set, and `<out_dir>/plots/` holds the curves of `python -m train.plot`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -44,7 +47,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from papo.faults import armed as faults_armed
+from papo.faults import fault_point
 from train.batching import EncodedPrompt, PackedBatch, Sequence, encode_prompt, gather_response_hidden, pack, \
     plan_micro_batches
 from train.config import ConfigError, RunConfig, save_config
@@ -62,6 +67,23 @@ log = logging.getLogger("train")
 
 CHECKPOINT_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"
+TEMP_PREFIX = ".tmp-"
+# Settings a checkpoint's contents depend on (the weights' shapes, the ZeRO layout, the data order,
+# the objective and the optimizer state): resuming under other values would quietly continue a
+# different run, so it is refused unless `checkpoint.allow_changed_keys` names the key. Everything
+# else (micro-batch sizes, evaluation, logging, the number of steps) may change between restarts.
+RESUME_INVARIANT_KEYS = (
+    "seed", "model.path", "model.tiny", "model.dtype", "model.lora", "model.freeze_vision_tower",
+    "data.train_path", "data.train_split", "data.prompt_key", "data.answer_key", "data.image_key",
+    "data.min_pixels", "data.max_pixels", "data.max_prompt_length", "data.max_response_length",
+    "data.shuffle_seed", "data.synthetic", "rollout.n", "rollout.temperature", "rollout.top_p",
+    "rollout.top_k", "papo", "optim", "trainer.rollout_batch_size", "trainer.mini_batch_size",
+    "trainer.zero_stage", "trainer.advantage", "sft",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or may not be resumed from; the message says why and what to do."""
 
 
 # --------------------------------------------------------------------------- distributed setup
@@ -165,17 +187,6 @@ def load_policy(path: str | Path, *, dtype: torch.dtype, attn_implementation: st
     return model, processor
 
 
-def reference_copy(policy: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A frozen copy of `policy` for the reference log-probs, computing as the DeepSpeed-wrapped
-    policy does: parameters in the compute dtype, buffers (rotary frequencies) untouched, as
-    DeepSpeed's bf16 casts parameters only. Before the first update the two then give identical
-    log-probs (a reference KL of exactly 0), and a bf16 reference holds half the memory."""
-    ref = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
-    for p in ref.parameters():
-        p.data = p.data.to(dtype)
-    return ref
-
-
 def fp32_master_weight(optimizer, param: torch.Tensor) -> torch.Tensor | None:
     """The fp32 master copy of a bf16 parameter held by DeepSpeed's optimizer, or None.
 
@@ -250,13 +261,15 @@ class PolicyWithLoss(nn.Module):
         # model.fp32_lm_head: the fp32 master copy of the head weight, refreshed by the trainer
         # after each optimizer step (a plain attribute, so DeepSpeed never casts it to bf16)
         self.head_fp32: torch.Tensor | None = None
+        # a frozen module without fp32 master (the reference) upcasts its working weight instead
+        self.upcast_head = False
 
     def head_weight(self, mod: nn.Module) -> torch.Tensor:
         """The weight the kernels multiply: lm_head's own, or (fp32 head) the fp32 master,
         whose gradient is routed to the working weight so that dW still reaches the optimizer."""
         w = mod.weight
         if self.head_fp32 is None:
-            return w
+            return w.float() if self.upcast_head else w
         if not (torch.is_grad_enabled() and w.requires_grad):
             return self.head_fp32
         return _MasterWithGradToWorking.apply(w, self.head_fp32)
@@ -475,9 +488,9 @@ class Trainer:
         policy, self.processor = load_policy(model_dir, dtype=torch.float32,
                                              attn_implementation=cfg.model.attn_implementation)
         self.tokenizer = self.processor.tokenizer
-        self.ref_model = None
-        if self.papo.beta > 0:
-            self.ref_model = reference_copy(policy, self.device, dtype)
+        if cfg.trainer.rollout_batch_size < self.world:
+            raise ConfigError(f"trainer.rollout_batch_size ({cfg.trainer.rollout_batch_size}) must be at "
+                              f"least the number of ranks ({self.world}): every rank needs prompts")
 
         d = cfg.data
         ds_kwargs = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
@@ -517,6 +530,11 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config(dtype))
         self.zero3 = t.zero_stage == 3
+        # the reference policy (beta > 0) is the policy PAPO starts from: the warm-started one, if any
+        self.ref_model, self.ref_sharded = None, False
+        if self.papo.beta > 0:
+            ref_dir = self.out / "sft_model" if cfg.sft.steps > 0 else model_dir
+            self.ref_model, self.ref_sharded = self._build_reference(ref_dir, dtype)
 
         gather = self._gather_all if self.zero3 else None
         if rollout_engine is None and cfg.rollout.engine == "vllm":
@@ -565,9 +583,39 @@ class Trainer:
             run_sft(policy, self.processor, self.train_ds, self.cfg, out_dir=sft_dir)
         barrier()
         policy, _ = load_policy(sft_dir, dtype=torch.float32, attn_implementation=self.cfg.model.attn_implementation)
-        if self.ref_model is not None:  # the reference is the warm-started policy
-            self.ref_model = reference_copy(policy, self.device, dtype)
         return policy
+
+    def _build_reference(self, path: Path, dtype: torch.dtype) -> tuple[Any, bool]:
+        """The frozen reference policy, held like the policy; returns (module, sharded).
+
+        It is loaded in the policy's dtype (bf16 in bf16 runs: never an fp32 copy) and, under
+        ZeRO-3, sharded over the ranks by a DeepSpeed engine without optimizer, so each rank
+        holds 1/world of it; ZeRO 0-2 replicate the policy's weights, and the reference too.
+        `model.ref_offload` keeps its shards in CPU memory (ZeRO-3 parameter offload, whatever
+        the policy's stage); each forward then fetches them layer by layer.
+        """
+        import deepspeed
+
+        m = self.cfg.model
+        ref, _ = load_policy(path, dtype=dtype, attn_implementation=m.attn_implementation)
+        ref.eval().requires_grad_(False)
+        ref.config.use_cache = False
+        module = PolicyWithLoss(ref, None).eval()
+        # model.fp32_lm_head: the reference's head multiplies in fp32 as the policy's does
+        module.upcast_head = m.fp32_lm_head and dtype == torch.bfloat16
+        if not (self.zero3 or m.ref_offload):
+            return module.to(self.device), False
+        ds = self._ds_config(dtype)
+        for key in ("optimizer", "scheduler"):  # a template's training sections do not apply
+            ds.pop(key, None)
+        zero = {k: v for k, v in ds["zero_optimization"].items() if not k.startswith("offload_optimizer")}
+        zero["stage"] = 3
+        if m.ref_offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        ds["zero_optimization"] = zero
+        engine, *_ = deepspeed.initialize(model=module, config=ds)
+        engine.eval()
+        return engine, True
 
     def _configure_policy(self, policy, *, adapters: bool) -> None:
         """What to train and how: a frozen vision tower, gradient checkpointing and, with
@@ -671,39 +719,105 @@ class Trainer:
 
     def _collect(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         """Roll out this rank's prompts; with the online filter, regenerate until full."""
-        from papo.advantages import online_filter
-
         t = self.cfg.trainer
-        local = len(range(self.rank, t.rollout_batch_size, self.world))
-        stats: dict[str, float] = {}
         if self.papo.online_filter is None:
             idx = self.stream.take(t.rollout_batch_size)[self.rank::self.world]
-            return self._rollout_round(idx, step, 0), stats
+            return self._rollout_round(idx, step, 0), {}
+        return self._collect_filtered(step)
+
+    def _collect_filtered(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        """DAPO dynamic sampling, as the official `_make_batch_data` does it.
+
+        Each try draws `rollout_batch_size` prompts (every rank rolls out its share) and keeps
+        the groups whose mean accuracy lies strictly inside `papo.online_filter`; a try whose
+        filter keeps no group at all is kept whole. Tries go on until `rollout_batch_size`
+        groups are kept, over all ranks, and fail after `trainer.online_filter_max_tries`.
+        Every decision that leads to a collective (the rollout gathers ZeRO-3 weights, the
+        update equalizes passes) is taken on all-reduced counts, so all ranks retry together.
+        The first `rollout_batch_size` kept groups, in draw order, are then spread evenly over
+        the ranks: a rank with surplus groups sends their responses and rewards (not their
+        pixels: the receiver re-encodes the prompt, masks included, from its seed).
+        """
+        from papo.advantages import online_filter
+
+        t, n = self.cfg.trainer, self.cfg.rollout.n
         low, high = self.papo.online_filter
-        kept: list[Sample] = []
-        seen = tries = 0
-        all_acc = []
-        while tries < t.online_filter_max_tries:
-            idx = self.stream.take(t.rollout_batch_size)[self.rank::self.world]
-            round_samples = self._rollout_round(idx, step, tries)
+        target = t.rollout_batch_size
+        # (try, position in the try's draw) -> (dataset index, the group's samples)
+        kept: dict[tuple[int, int], tuple[int, list[Sample]]] = {}
+        acc_sum = acc_count = 0.0
+        tries = total_kept = 0
+        while total_kept < target:
+            if tries == t.online_filter_max_tries:
+                raise RuntimeError(
+                    f"papo.online_filter {self.papo.online_filter}: only {total_kept} of {target} prompt "
+                    f"groups passed the filter in trainer.online_filter_max_tries="
+                    f"{t.online_filter_max_tries} tries (the official trainer stops too); check the data, "
+                    "or raise the limit")
+            draw = self.stream.take(target)
+            positions = list(range(self.rank, target, self.world))
+            samples = self._rollout_round([draw[p] for p in positions], step, tries)
+            groups = [samples[i * n:(i + 1) * n] for i in range(len(positions))]
+            acc = torch.tensor([s.accuracy for s in samples], dtype=torch.float64)
+            keep = online_filter(acc, [i // n for i in range(len(samples))], low=low, high=high)
+            passing = [i for i in range(len(groups)) if bool(keep[i * n])]
+            counts = all_reduce_(torch.tensor([len(passing), float(acc.sum()), float(acc.numel())],
+                                              dtype=torch.float64))
+            acc_sum, acc_count = acc_sum + counts[1].item(), acc_count + counts[2].item()
+            if counts[0].item() == 0:  # official: a try whose filter keeps nothing is kept whole
+                passing = list(range(len(groups)))
+                counts[0] = target
+            for i in passing:
+                kept[(tries, positions[i])] = (draw[positions[i]], groups[i])
+            total_kept += int(counts[0].item())
             tries += 1
-            acc = torch.tensor([s.accuracy for s in round_samples])
-            all_acc.append(acc)
-            keep = online_filter(acc, [s.uid for s in round_samples], low=low, high=high)
-            kept += [s for s, k in zip(round_samples, keep.tolist()) if k]
-            seen += len(idx)
-            if len({s.uid for s in kept}) >= local:
-                break
-        uids = []
-        for s in kept:
-            if s.uid not in uids:
-                uids.append(s.uid)
-        uids = set(uids[:local])
-        kept = [s for s in kept if s.uid in uids]
-        stats = {"filter/tries": float(tries), "filter/kept_groups": float(len(uids)),
-                 "filter/prompts_seen": float(seen),
-                 "filter/raw_accuracy": float(torch.cat(all_acc).mean()) if all_acc else 0.0}
-        return kept, stats
+        samples = self._spread_groups(kept, target, step)
+        stats = {"filter/tries": float(tries), "filter/kept_groups": float(total_kept),
+                 "filter/prompts_seen": float(tries * target),
+                 "filter/raw_accuracy": acc_sum / max(acc_count, 1.0)}
+        return samples, stats
+
+    def _spread_groups(self, kept: dict[tuple[int, int], tuple[int, list[Sample]]], target: int,
+                       step: int) -> list[Sample]:
+        """The first `target` kept groups of all ranks (by draw order), `target / world` per rank.
+
+        A rank keeps its own groups up to its share; the others move to ranks short of theirs,
+        as (dataset index, responses, rewards), and are re-encoded there.
+        """
+        if self.world == 1:
+            chosen = sorted(kept)[:target]
+            return [s for key in chosen for s in kept[key][1]]
+        keys: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(keys, sorted(kept))
+        chosen = sorted((key, r) for r, rank_keys in enumerate(keys) for key in rank_keys)[:target]
+        share = [len(range(r, target, self.world)) for r in range(self.world)]
+        own: list[list[tuple[int, int]]] = [[] for _ in range(self.world)]
+        surplus: list[tuple[int, int]] = []
+        for key, r in chosen:
+            (own[r] if len(own[r]) < share[r] else surplus).append(key)
+        moves: dict[tuple[int, int], int] = {}  # key -> receiving rank
+        for r in range(self.world):
+            while len(own[r]) < share[r]:
+                key = surplus.pop(0)
+                own[r].append(key)
+                moves[key] = r
+        outgoing = [(key, moves[key], kept[key][0],
+                     [(s.response_ids.tolist(), s.finished, s.text, s.reward, s.accuracy, s.format)
+                      for s in kept[key][1]])
+                    for key in sorted(kept) if key in moves]
+        parcels: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(parcels, outgoing)
+        mine = {key: kept[key] for key in own[self.rank] if key in kept}  # keys name their rank
+        for parcel in parcels:
+            for key, dest, idx, responses in parcel:
+                if dest != self.rank:
+                    continue
+                item, enc = self._encode(idx, step)
+                mine[key] = (idx, [Sample(uid=item["uid"], prompt=enc, answer=item["answer"],
+                                          response_ids=torch.tensor(ids, dtype=torch.long), finished=done,
+                                          text=text, reward=reward, accuracy=accuracy, format=fmt)
+                                   for ids, done, text, reward, accuracy, fmt in responses])
+        return [s for key in sorted(mine) for s in mine[key][1]]
 
     def _advantages(self, samples: list[Sample]) -> None:
         from papo.advantages import dr_grpo_advantages, grpo_advantages
@@ -729,20 +843,30 @@ class Trainer:
 
     @torch.no_grad()
     def _logprob_pass(self, samples: list[Sample]) -> None:
-        """Old and masked log-probs (+ exact monitors) and reference log-probs, no grad."""
+        """Old and masked log-probs (+ exact monitors) and reference log-probs, no grad.
+
+        The masked pass runs when any sample of the rollout batch, on any rank, has an image
+        (the number of forwards must match across ranks under ZeRO-3); a text-only sample's
+        masked view is its original one, so without any image the masked log-probs are the
+        old ones.
+        """
         t = self.cfg.trainer
-        two_view = samples[0].prompt.masked_pixel_values is not None if samples else False
+        has_image = any(s.prompt.masked_pixel_values is not None for s in samples)
+        two_view = bool(all_reduce_(torch.tensor([int(has_image)]), "max").item())
         plan = plan_micro_batches([len(s) for s in samples], max_seqs=t.log_prob_micro_batch_size,
                                   max_tokens=t.micro_batch_tokens)
-        plan = self._equalize(plan) if self.zero3 else plan
+        plan = self._equalize(plan) if self.zero3 or self.ref_sharded else plan
         self._refresh_fp32_head()
         self.engine.eval()
         for group in plan:
-            members = [samples[i] for i in (group if group is not None else plan[0] or [])]
-            if not members:  # this rank has no samples but must join the collective forward
-                continue
+            # a padding pass (None) reruns this rank's first micro-batch and is discarded
+            members = [samples[i] for i in (group if group is not None else plan[0])]
             batch = pack(self.module.policy.model, [s.seq() for s in members]).to(self.device)
             stats = self.engine(batch, mode="stats", temperature=self.papo.temperature, two_view=two_view)
+            ref_stats = None
+            if self.ref_model is not None:
+                ref_stats = self.ref_model(batch, mode="stats", temperature=self.papo.temperature,
+                                           two_view=False)
             if group is None:
                 continue
             lengths = batch.response_mask.sum(-1).long().tolist()
@@ -754,23 +878,11 @@ class Trainer:
                                   "entropy_full": ha.mean().item(), "entropy_masked": hb.mean().item()}
                 else:
                     lp, h = (x[b, :R].float().cpu() for x in stats)
-                    s.old_logp = lp
+                    s.old_logp, s.masked_logp = lp, lp
                     s.monitors = {"entropy_full": h.mean().item()}
-            if self.ref_model is not None:
-                self._ref_logp(members, batch)
+                if ref_stats is not None:
+                    s.ref_logp = ref_stats[0][b, :R].float().cpu()
         self.engine.train()
-
-    def _ref_logp(self, members: list[Sample], batch: PackedBatch) -> None:
-        from papo_kernels import token_stats
-
-        out = self.ref_model.model(**batch.model_inputs())
-        h = gather_response_hidden(out.last_hidden_state, batch)
-        targets = batch.response_ids.masked_fill(batch.response_mask == 0, -100)
-        w = self.ref_model.lm_head.weight
-        st = token_stats(h.to(w.dtype), w, targets, temperature=self.papo.temperature)
-        for b, s in enumerate(members):
-            R = int(s.response_ids.numel())
-            s.ref_logp = st.logp[b, :R].float().cpu()
 
     # ------------------------------------------------------------------ update phase
 
@@ -850,14 +962,20 @@ class Trainer:
                     for k, v in m.items():
                         if k != "tokens/count":
                             sums[k] = sums.get(k, 0.0) + v * w
+            # official: skip the update when the gradient norm is not finite. Where the gradients
+            # are whole on each rank (ZeRO 0/1) the norm is checked here; ZeRO 2/3 (and DeepSpeed's
+            # bf16 optimizers) check the norm of their partitioned gradients inside step() and
+            # skip it themselves, counted in the engine's skipped_steps.
+            fault_point("optimizer.step")
             norm = self._grad_norm_precheck()
+            engine_skipped = getattr(self.engine, "skipped_steps", 0)
             if norm is not None and not math.isfinite(norm):
-                # official: skip the update when the gradient norm is not finite
                 self.engine.zero_grad()
                 skipped += 1
                 self.engine.step()  # still closes the accumulation window (grads are None -> no-op)
             else:
                 self.engine.step()
+                skipped += int(getattr(self.engine, "skipped_steps", 0) > engine_skipped)
             self._optimizer_steps += 1
             # the pre-clip norm (what the official code logs); DeepSpeed's own where grads are partitioned
             gn = norm if norm is not None else self.engine.get_global_grad_norm()
@@ -986,23 +1104,39 @@ class Trainer:
         return self.out / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoint `step_<n>` atomically (temp dir + rename) and prune old ones."""
+        """Write checkpoint `step_<n>` atomically (temp dir + rename) and prune old ones.
+
+        Raises CheckpointError when a file cannot be written (e.g. ENOSPC): the partial copy is
+        removed and the previous checkpoints are untouched, so a rerun resumes from the newest.
+        """
         final = self.ckpt_root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        tmp = self.ckpt_root / f".tmp-{CHECKPOINT_PREFIX}{self.step:06d}"
+        tmp = self.ckpt_root / f"{TEMP_PREFIX}{CHECKPOINT_PREFIX}{self.step:06d}"
         if self.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
-        self.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
-        barrier()
+        if faults_armed():
+            _route_through_fault_points(self.engine.checkpoint_engine)
+        try:
+            self.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+            rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+            _write_checkpoint_file(tmp / f"rng_rank{self.rank}.pt", lambda p: torch.save(rng, p))
+            barrier()
+            if self.rank == 0:
+                state = {"step": self.step, "stream": self.stream.state(), "world_size": self.world,
+                         "total_steps": self.total_steps, "config": resume_fingerprint(self.cfg)}
+                _write_checkpoint_file(tmp / "trainer_state.json",
+                                       lambda p: p.write_text(json.dumps(state, indent=2)))
+                _write_checkpoint_file(tmp / COMPLETE_MARKER, lambda p: p.write_text("ok\n"))
+                _fsync_tree(tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # free what the partial copy took (a full disk)
+            newest = complete_checkpoints(self.ckpt_root)
+            kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else \
+                "there is no complete checkpoint yet"
+            raise CheckpointError(f"writing checkpoint {final.name} failed ({e}); its partial copy was removed "
+                                  f"and {kept}: fix the cause and rerun to resume") from e
         if self.rank == 0:
-            state = {"step": self.step, "stream": self.stream.state(), "world_size": self.world,
-                     "total_steps": self.total_steps}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            (tmp / COMPLETE_MARKER).write_text("ok\n")
-            _fsync_tree(tmp)
             if final.exists():  # re-saving the same step: move the old copy aside first
                 old = self.ckpt_root / f".old-{final.name}"
                 shutil.rmtree(old, ignore_errors=True)
@@ -1021,14 +1155,16 @@ class Trainer:
         """Load the newest complete checkpoint, if any; returns whether it resumed."""
         if not self.cfg.checkpoint.resume:
             return False
+        if self.rank == 0 and self.ckpt_root.is_dir():
+            # partial copies of killed or failed writes: never loaded, only taking space
+            for partial in self.ckpt_root.glob(f"{TEMP_PREFIX}*"):
+                shutil.rmtree(partial, ignore_errors=True)
         ckpts = complete_checkpoints(self.ckpt_root)
         if not ckpts:
             return False
         path = ckpts[-1]
-        state = json.loads((path / "trainer_state.json").read_text())
-        if state["world_size"] != self.world:
-            raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} ranks; "
-                               f"resume with the same number of processes (now {self.world})")
+        state = read_trainer_state(path)
+        check_resumable(state, path, world=self.world, cfg=self.cfg)
         self.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
         self.step = int(state["step"])
         self.stream.load(state["stream"])
@@ -1197,6 +1333,95 @@ def lr_factor(step: int, total: int, o) -> float:
 
 def _dev(t: torch.Tensor | None, device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
+
+
+def resume_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The values under `RESUME_INVARIANT_KEYS` in `cfg` as {dotted leaf key: plain JSON value}, stored
+    with each checkpoint (the papo section as the resolved PAPOConfig, so a preset and its spelled-out
+    values compare equal)."""
+    tree = cfg.to_dict()
+    tree["papo"] = asdict(cfg.papo_config())
+    out: dict[str, Any] = {}
+
+    def flatten(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{key}.{k}", v)
+        else:
+            out[key] = json.loads(json.dumps(value))
+
+    for key in RESUME_INVARIANT_KEYS:
+        value: Any = tree
+        for part in key.split("."):
+            value = value[part]
+        flatten(key, value)
+    return out
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer_state.json of a complete checkpoint; CheckpointError if it is missing or unreadable."""
+    state_file = path / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON object was expected, got {type(state).__name__}")
+        for key in ("step", "stream", "world_size"):
+            if key not in state:
+                raise ValueError(f"the key {key!r} is missing")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is marked complete but its trainer_state.json cannot be "
+                              f"read ({e}); move the directory aside to resume from the previous "
+                              "checkpoint") from e
+    return state
+
+
+def check_resumable(state: dict[str, Any], path: Path, *, world: int, cfg: RunConfig) -> None:
+    """Refuse (CheckpointError) a checkpoint written by another number of ranks or under other
+    values of `RESUME_INVARIANT_KEYS` than `cfg`'s (keys named in checkpoint.allow_changed_keys
+    may differ). Checkpoints that predate the stored config are checked for the world size only."""
+    if state["world_size"] != world:
+        raise CheckpointError(f"checkpoint {path} was written with world size {state['world_size']} but "
+                              f"this run has world size {world}: ZeRO partitions and RNG states are per "
+                              f"rank; resume with world size {state['world_size']}")
+    saved = state.get("config")
+    if saved is None:
+        return
+    now = resume_fingerprint(cfg)
+    allowed = set(cfg.checkpoint.allow_changed_keys)
+
+    def is_allowed(key: str) -> bool:  # the key itself or a section above it
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in allowed for i in range(1, len(parts) + 1))
+
+    missing = "(absent)"
+    changed = [k for k in sorted(set(saved) | set(now))
+               if saved.get(k, missing) != now.get(k, missing) and not is_allowed(k)]
+    if changed:
+        diffs = "; ".join(f"{k}: {json.dumps(saved.get(k, missing))} in the checkpoint, "
+                          f"{json.dumps(now.get(k, missing))} now" for k in changed)
+        raise CheckpointError(f"checkpoint {path} was written under another configuration ({diffs}). "
+                              "Resume with the checkpoint's values, use another out_dir, or list the keys "
+                              "in checkpoint.allow_changed_keys to continue with the new values on purpose")
+
+
+def _write_checkpoint_file(path: Path, write) -> None:
+    """write(path) between the checkpoint fault points (free when no fault is armed)."""
+    fault_point("checkpoint.write")
+    write(path)
+    fault_point("checkpoint.written")
+
+
+def _route_through_fault_points(checkpoint_engine) -> None:
+    """Make each file DeepSpeed's checkpoint engine writes pass the checkpoint fault points."""
+    save = checkpoint_engine.save
+    if getattr(save, "_through_fault_points", False):
+        return
+
+    def save_through_fault_points(state_dict, path):
+        _write_checkpoint_file(path, lambda p: save(state_dict, p))
+
+    save_through_fault_points._through_fault_points = True
+    checkpoint_engine.save = save_through_fault_points
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -17,12 +17,12 @@ What it does, matching `HFRolloutEngine`'s contract:
   its n samples `seed + j`, so every sample has its own stream;
 - vLLM preprocesses images itself: a request carries the prompt's token ids
   with each image's `<|image_pad|>` run collapsed to one placeholder (or the
-  prompt text) and its raw images (`EncodedPrompt.raw_images`), each resized
-  to exactly the grid the trainer's processor chose (`image_grid_thw` x patch),
-  so vLLM's processor picks the same grid and the rollout sees (up to resampling
-  noise) the image the update sees. This holds while the grid's area lies within
-  the min/max pixels of vLLM's processor (the model directory's preprocessor
-  config; pass `mm_processor_kwargs` through `llm_kwargs` to widen them);
+  prompt text) and its images as the trainer's processor received them
+  (`EncodedPrompt.raw_images`: bounded to the data's pixel limits, RGB). vLLM's
+  processor runs with the model directory's preprocessor defaults, as the
+  trainer's does, so it picks the same grid and the same pixels; with the
+  processor's limits known (`image_limits`, read from the directory by
+  `from_pretrained`), a grid that would differ is an error before anything is sent;
 - `sync_weights(policy)` pushes the policy's parameters into the engine
   (Qwen2.5-VL names of transformers >= 4.52 mapped to the checkpoint layout
   every vLLM version loads; ZeRO-3 partitions gathered through `gather`), then
@@ -119,6 +119,29 @@ def default_weight_loader(llm) -> Callable[[Iterable[tuple[str, torch.Tensor]]],
         "llm.collective_rpc exists; pass weight_loader= to VLLMRolloutEngine")
 
 
+def image_processor_config(model_dir: str | Path) -> dict[str, Any]:
+    """The image processor's saved settings: `preprocessor_config.json` (released checkpoints)
+    or the "image_processor" entry of `processor_config.json` (transformers 5); {} if neither."""
+    pre = Path(model_dir) / "preprocessor_config.json"
+    if pre.is_file():
+        return json.loads(pre.read_text())
+    proc = Path(model_dir) / "processor_config.json"
+    if proc.is_file():
+        return json.loads(proc.read_text()).get("image_processor") or {}
+    return {}
+
+
+def image_limits_of(preprocessor_config: dict[str, Any]) -> dict[str, Any]:
+    """`image_limits` and `merge_size` of a Qwen2-VL preprocessor_config.json (its
+    min_pixels / max_pixels, or size.shortest_edge / size.longest_edge); {} if it has none."""
+    size = preprocessor_config.get("size") or {}
+    lo = preprocessor_config.get("min_pixels") or size.get("shortest_edge")
+    hi = preprocessor_config.get("max_pixels") or size.get("longest_edge")
+    if lo is None or hi is None:
+        return {}
+    return {"image_limits": (int(lo), int(hi)), "merge_size": int(preprocessor_config.get("merge_size", 2))}
+
+
 class VLLMRolloutEngine:
     """Rollouts with a vLLM engine; see the module docstring.
 
@@ -137,6 +160,9 @@ class VLLMRolloutEngine:
         prompt_format: "token_ids" (the prompt's ids, image placeholders collapsed) or "text"
             (`EncodedPrompt.prompt_text`).
         patch_size: the vision patch size (pixels per `image_grid_thw` unit; 14 for Qwen2.5-VL).
+        image_limits: optional (min_pixels, max_pixels) of vLLM's image processor; when given,
+            each image's grid under them is checked against the prompt's `image_grid_thw`.
+        merge_size: the vision merger's spatial merge (2 for Qwen2.5-VL), for that check.
         sampling_params_cls: vLLM's SamplingParams class (default: `vllm.SamplingParams`).
     """
 
@@ -145,6 +171,7 @@ class VLLMRolloutEngine:
                  gather: Callable[[], contextlib.AbstractContextManager] | None = None,
                  state_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
                  prompt_format: str = "token_ids", patch_size: int = 14,
+                 image_limits: tuple[int, int] | None = None, merge_size: int = 2,
                  sampling_params_cls: type | None = None):
         if prompt_format not in ("token_ids", "text"):
             raise ValueError(f'prompt_format must be "token_ids" or "text", got {prompt_format!r}')
@@ -160,6 +187,8 @@ class VLLMRolloutEngine:
         self.state_transform = state_transform
         self.prompt_format = prompt_format
         self.patch_size = patch_size
+        self.image_limits = image_limits
+        self.merge_size = merge_size
         self._sp_cls = sampling_params_cls
 
     # ------------------------------------------------------------------ construction
@@ -196,6 +225,8 @@ class VLLMRolloutEngine:
         if config.is_file() and "patch_size" not in engine_kwargs:
             vision = json.loads(config.read_text()).get("vision_config") or {}
             engine_kwargs["patch_size"] = int(vision.get("patch_size", 14))
+        if "image_limits" not in engine_kwargs:
+            engine_kwargs.update(image_limits_of(image_processor_config(model_dir)))
         gen = Path(model_dir) / "generation_config.json"
         if gen.is_file() and "eos_ids" not in engine_kwargs:  # the stop ids HFRolloutEngine uses
             eos = json.loads(gen.read_text()).get("eos_token_id")
@@ -219,12 +250,7 @@ class VLLMRolloutEngine:
             tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
             max_model_len=v.max_model_len or cfg.data.max_prompt_length + cfg.data.max_response_length,
             dtype=v.dtype, limit_images=v.max_images_per_prompt, seed=cfg.seed, gather=gather,
-            state_transform=transform,
-            # vLLM's processor must allow the grids the trainer's processor chose (see _images)
-            # (training and evaluation encode with different pixel limits)
-            llm_kwargs={"mm_processor_kwargs": {
-                "min_pixels": min(cfg.data.min_pixels, cfg.eval.min_pixels),
-                "max_pixels": max(cfg.data.max_pixels, cfg.eval.max_pixels)}})
+            state_transform=transform)
 
     # ------------------------------------------------------------------ requests
 
@@ -246,9 +272,7 @@ class VLLMRolloutEngine:
         return kw
 
     def _images(self, prompt: EncodedPrompt, where: str) -> list:
-        """The prompt's raw images, each resized to exactly its `image_grid_thw` grid."""
-        from PIL import Image
-
+        """The prompt's bounded RGB images, as the trainer's processor received them."""
         grids = prompt.image_grid_thw
         n = 0 if grids is None else int(grids.shape[0])
         if n == 0:
@@ -260,11 +284,20 @@ class VLLMRolloutEngine:
         if len(prompt.raw_images) != n:
             raise ValueError(f"{where} has {len(prompt.raw_images)} raw_images for {n} image grids")
         out = []
-        for img, (_, gh, gw) in zip(prompt.raw_images, grids.tolist()):
-            size = (int(gw) * self.patch_size, int(gh) * self.patch_size)  # PIL: (width, height)
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            out.append(img if img.size == size else img.resize(size, Image.BICUBIC))
+        for k, (img, (_, gh, gw)) in enumerate(zip(prompt.raw_images, grids.tolist())):
+            if self.image_limits is not None:
+                from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+                lo, hi = self.image_limits
+                h, w = smart_resize(img.height, img.width, factor=self.patch_size * self.merge_size,
+                                    min_pixels=lo, max_pixels=hi)
+                if (h // self.patch_size, w // self.patch_size) != (int(gh), int(gw)):
+                    raise ValueError(
+                        f"{where}, image {k}: vLLM's processor (pixels {lo}..{hi}) would give a "
+                        f"{h // self.patch_size} x {w // self.patch_size} patch grid, the trainer's "
+                        f"processor gave {int(gh)} x {int(gw)}: both must read the same "
+                        "preprocessor config (the model directory's)")
+            out.append(img if img.mode == "RGB" else img.convert("RGB"))
         return out
 
     def request(self, prompt: EncodedPrompt, index: int = 0) -> dict[str, Any]:
