@@ -3,7 +3,8 @@
 Each test runs the tiny model for one or two rollout steps and asserts something a wrong
 implementation would break:
   - a reference model (beta > 0, papo_g_3b.yaml, also with its bf16 + ZeRO-3 + gradient
-    checkpointing): the reference KL is exactly 0 before the first update and positive after;
+    checkpointing, and random_3b.yaml's bf16 + ZeRO-0 + frozen vision tower): the rollout-time
+    reference log-probs equal the policy's before the first update and the KL grows after;
   - the DAPO online filter (papo_d_7b.yaml): only groups with mixed accuracy reach the update,
     and the batch is refilled to full size;
   - the exact estimator with each masked view (current_no_grad, live): the trainer's parameter
@@ -46,6 +47,9 @@ def _train(cfg, before_train=None):
     # papo_g_3b.yaml's engine settings
     pytest.param(["model.dtype=bfloat16", "trainer.zero_stage=3", "model.gradient_checkpointing=true"],
                  id="bf16-zero3-checkpointing"),
+    # random_3b.yaml's: the reference is a plain module there, not a DeepSpeed engine
+    pytest.param(["model.dtype=bfloat16", "model.gradient_checkpointing=true",
+                  "model.freeze_vision_tower=true"], id="bf16-zero0-frozen-vision"),
 ])
 def test_reference_kl_is_zero_before_the_first_update_and_positive_after(assets, tmp_path, extra,  # noqa: F811
                                                                           monkeypatch):
