@@ -3,13 +3,15 @@
 A backend is the functions `forward_stats`, `backward_grads` and optionally `loss_rows` with
 the signatures of papo_kernels/reference.py. The
 optional backends are imported lazily so that importing papo_kernels never fails on a machine
-without a GPU, without Triton or without the compiled extension.
+without a GPU, without Triton or without the compiled extension. Only a missing optional piece
+makes a backend unavailable: an ImportError from inside our own modules is raised.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -39,11 +41,32 @@ def _torch_backend() -> Backend:
     return Backend("torch", reference.forward_stats, reference.backward_grads, reference.loss_rows)
 
 
-def _optional_backend(name: str, module: str, missing: str) -> tuple[Backend | None, str]:
-    """(backend, reason): the backend if its module imports and exports the interface."""
+def _missing_optional(exc: ImportError, module: str, optional: tuple[str, ...]) -> bool:
+    """Whether `exc` says that `module` is absent from this build or that one of its optional
+    dependencies (a package in `optional`, or a submodule of one) is not installed."""
+    name = exc.name
+    if name is None:
+        return False
+    if name == module:
+        return importlib.util.find_spec(module) is None
+    return any(name == p or name.startswith(p + ".") for p in optional)
+
+
+def _optional_backend(name: str, module: str, missing: str,
+                      optional: tuple[str, ...]) -> tuple[Backend | None, str]:
+    """(backend, reason): the backend if its module imports and exports the interface.
+
+    An ImportError means "unavailable" only when the backend's module is not part of this
+    build or an `optional` dependency (triton, the compiled extension) is missing. Any other
+    ImportError, e.g. a wrong name imported between our own modules, is a bug in this package
+    and propagates: calling it "unavailable" would turn a broken kernel package into skipped
+    tests and a silent fallback to a slower backend.
+    """
     try:
         mod = importlib.import_module(module)
-    except ImportError as exc:  # not built, or a dependency (triton) missing
+    except ImportError as exc:
+        if not _missing_optional(exc, module, optional):
+            raise
         return None, f"{missing} ({type(exc).__name__}: {exc})"
     fwd = getattr(mod, "forward_stats", None)
     bwd = getattr(mod, "backward_grads", None)
@@ -64,6 +87,7 @@ def _triton_backend() -> tuple[Backend | None, str]:
         "triton",
         "papo_kernels.kernels",
         "the Triton kernels are not part of this build (pip install triton; see issue 'Triton backend')",
+        optional=("triton",),
     )
 
 
@@ -73,6 +97,7 @@ def _cpp_backend() -> tuple[Backend | None, str]:
         "cpp",
         "papo_kernels.extension",
         "the C++/CUDA extension is not built (pip install -e . --no-build-isolation builds it)",
+        optional=("papo_kernels._C",),
     )
 
 

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+import papo_kernels as pk
 from benchmarks import _harness as H
 from benchmarks import loss as L
 from benchmarks import providers as P
@@ -120,7 +121,11 @@ def test_unavailable_providers_are_cells_not_crashes(tmp_path):
     assert by[("two_view", "triton:fused:workspace")]["status"] == "unavailable"
     assert "gpu-only" in by[("two_view", "triton:fused:workspace")]["reason"]
     assert by[("token_stats", "verl")]["status"] == "unavailable"
-    assert by[("two_view", "cpp:fused")]["status"] in ("ok", "unavailable")
+    # the cell tells whether the extension is built here: never a silent fallback to another backend
+    cpp_built = "cpp" in pk.available_backends("cpu")
+    assert by[("two_view", "cpp:fused")]["status"] == ("ok" if cpp_built else "unavailable")
+    if not cpp_built:
+        assert "backend='cpp' is not available" in by[("two_view", "cpp:fused")]["reason"]
     assert by[("two_view", "triton:fused:workspace:v1")]["status"] == "unavailable"
     assert ("two_view", "verl") not in by  # verl has no two-view workload
     for name in ("eager", "torch:stats", "torch:fused", "floor"):

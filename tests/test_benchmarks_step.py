@@ -1,14 +1,14 @@
 """The step benchmark on the tiny Qwen2.5-VL: both sides compute the same PAPO step, and the
-CLI reports time, memory and the first loss. Skipped without transformers or train/tiny.py."""
+CLI reports time, memory and the first loss. Skipped without transformers (the `train` extra)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("train.tiny")
-pytest.importorskip("papo.losses")
 
 from benchmarks import step as S  # noqa: E402
 
@@ -58,7 +58,7 @@ def test_step_benchmark(benchmark):
     st = _stepper()
     b = S.make_batch(st.model, TINY, 2, "cpu")
     loss = benchmark(lambda: st.step("ours", b))
-    assert loss == loss  # finite, not NaN
+    assert math.isfinite(loss)
 
 
 def test_cli_rows(tmp_path):

@@ -5,10 +5,7 @@ import torch
 from torch import nn
 
 from papo import PAPOConfig, PAPOLoss
-
-pytest.importorskip("papo_kernels")
-
-from papo.integrations.torch_loop import rollout_log_probs, train_step  # noqa: E402
+from papo.integrations.torch_loop import rollout_log_probs, train_step
 
 V, H, D_IMG, B, T = 17, 8, 6, 4, 5
 
@@ -67,3 +64,53 @@ def test_rollout_then_update(config):
     metrics = train_step(loss_module, model.hidden, model.lm_head.weight, optimizer, micro)
     assert metrics["ratio/mean"] != pytest.approx(1.0, abs=1e-6)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+CONFIGS = [
+    pytest.param(PAPOConfig.from_preset("papo-g-nref-7b"), id="sampled-rollout_no_grad"),
+    pytest.param(PAPOConfig(estimator="exact", masked_view="current_no_grad", gamma=0.5),
+                 id="exact-current_no_grad"),
+    pytest.param(PAPOConfig(estimator="exact", masked_view="live", gamma=0.5), id="exact-live"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_rollout_views_and_the_step_direction(config):
+    """rollout_log_probs takes each view's log-probs from its own hidden states, and train_step
+    moves the weights by -lr x the gradient of the loss computed here by hand, with the masked
+    view the config names (plain SGD, no clipping: the update is exactly the gradient)."""
+    torch.manual_seed(0)
+    model = ToyVLM().double()  # float64: the update compares to lr x gradient without rounding noise
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in _micro_batches(2).items()}
+    stats = rollout_log_probs(model.hidden, model.lm_head.weight, batch, config)
+    mask = batch["completion_mask"].bool()
+    with torch.no_grad():
+        for name, masked in (("old_logp", False), ("masked_logp", True)):
+            logits = model.hidden(batch, masked) @ model.lm_head.weight.T / config.temperature
+            logp = torch.log_softmax(logits, -1)
+            want = logp.gather(-1, batch["completion_ids"][..., None]).squeeze(-1) * mask
+            torch.testing.assert_close(stats[name], want, rtol=1e-9, atol=1e-12, msg=name)
+    assert not torch.allclose(stats["old_logp"], stats["masked_logp"])
+    batch.update(old_logp=stats["old_logp"], masked_logp=stats["masked_logp"])
+    loss_module = PAPOLoss(config, backend="torch")
+
+    # the gradient by hand: the loss on the whole batch, one micro-batch
+    params = list(model.parameters())
+    with torch.set_grad_enabled(config.masked_view == "live"):
+        masked_hidden = model.hidden(batch, True)
+    out = loss_module(model.hidden(batch, False), model.lm_head.weight, batch["completion_ids"],
+                      batch["completion_mask"], batch["advantages"], old_logp=batch["old_logp"],
+                      masked_hidden=None if config.masked_view == "rollout_no_grad" else masked_hidden,
+                      masked_logp=batch["masked_logp"] if config.masked_view == "rollout_no_grad" else None,
+                      num_valid_tokens=int(mask.sum()), num_valid_sequences=B, num_micro_batches=1)
+    grads = torch.autograd.grad(out.loss, params)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+    lr = 0.1
+    before = [p.detach().clone() for p in params]
+    sgd = torch.optim.SGD(params, lr=lr)
+    metrics = train_step(loss_module, model.hidden, model.lm_head.weight, sgd, [batch], max_grad_norm=1e9)
+    assert metrics["skipped"] == 0.0
+    assert metrics["loss/total"] == pytest.approx(float(out.loss.detach()), rel=1e-9, abs=1e-12)
+    for p, p0, g in zip(params, before, grads):
+        torch.testing.assert_close(p.detach() - p0, -lr * g, rtol=1e-9, atol=1e-12)

@@ -78,7 +78,11 @@ def test_modes_are_kept_and_every_channel_blackened(mode):
     assert img.mode == mode
     out = mask_images(img, prob=0.5, generator=1)
     assert out.mode == mode and out.size == img.size
-    arr = np.array(out)
+    arr, original = np.array(out), np.array(img)
+    black = _black(out)
+    # 3 x 2 tiles with p = 0.5 (seed 1): some blackened, some kept; the noise image has no 0
+    assert 0 < black.mean() < 1
+    np.testing.assert_array_equal(arr[~black], original[~black])
     if arr.ndim == 3:  # alpha included, as the official code does
         assert np.array_equal((arr == 0).all(-1), (arr == 0).any(-1))
 

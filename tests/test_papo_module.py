@@ -6,8 +6,6 @@ import torch
 
 from papo import PAPOConfig, PAPOLoss, papo_loss
 
-pytest.importorskip("papo_kernels")
-
 F64 = torch.float64
 B, T, H, V = 3, 5, 8, 13
 LENGTHS = torch.tensor([5, 2, 4])

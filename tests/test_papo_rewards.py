@@ -1,15 +1,18 @@
 """papo.rewards: tricky answers with expected grades, the official format regex re-derived, the
-worker timeout on a pathological answer, and the refusal of code-like answers."""
+worker timeout on a pathological answer, and the refusal of code-like answers.
+
+No test asserts a duration (performance belongs in benchmarks/): the deadline test checks that
+the timeout fired, and `_returns` only guards against a hang (minutes of CPU, e.g. a deadline
+that never fires or quadratic regex backtracking), with a bound far above any normal run.
+"""
 
 import random
 import re
-import time
+import threading
 
 import pytest
 
-pytest.importorskip("mathruler.grader")
-
-from papo.rewards import (  # noqa: E402
+from papo.rewards import (
     _UNSAFE_EXPR,
     AnswerGrader,
     accuracy_reward,
@@ -70,15 +73,27 @@ def test_the_workers_agree_with_mathruler_called_directly(grader):
     assert grader.grade_many(pairs) == [grade_answer(a, t) for a, t in pairs]
 
 
+HANG_S = 60.0  # far above any normal run on a busy machine: only a hang reaches it
+
+
+def _returns(fn, *args):
+    """fn(*args), failing (instead of blocking the suite) if it has not returned after HANG_S."""
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("value", fn(*args)), daemon=True)
+    thread.start()
+    thread.join(HANG_S)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} hung for {HANG_S} s"
+    return out["value"]
+
+
 def test_huge_inputs(grader):
     long_think = "<think>" + "step " * 200_000 + "</think>"
-    start = time.monotonic()
-    score = compute_score([long_think + " \\boxed{7}"], ["7"], grader=grader)[0]
-    assert score == dict(overall=1.0, format=1.0, accuracy=1.0)
+    score = _returns(lambda: compute_score([long_think + " \\boxed{7}"], ["7"], grader=grader))
+    assert score == [dict(overall=1.0, format=1.0, accuracy=1.0)]
     assert accuracy_reward("\\boxed{" + "9" * 100_000 + "}", "9", grader=grader) == 0.0
     assert accuracy_reward("{" * 50_000 + "\\boxed{" + "{" * 50_000, "1", grader=grader) == 0.0
-    assert normalize_response(" " * 200_000 + "x") == " " * 200_000 + "x"  # no quadratic backtracking
-    assert time.monotonic() - start < 10.0
+    # quadratic backtracking would take hours here
+    assert _returns(normalize_response, " " * 200_000 + "x") == " " * 200_000 + "x"
 
 
 def test_pathological_answer_is_refused_before_sympy_builds_it():

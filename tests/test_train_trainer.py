@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -92,7 +93,7 @@ def test_smoke_metrics_checkpoints_and_on_policy_ratio(assets, tmp_path):
         assert r["clip/frac_low"] == r["clip/frac_high"] == r["clip/frac_dual"] == 0.0
         for key in ("reward/accuracy", "reward/format", "loss/total", "kl/perception", "entropy/full",
                     "entropy/masked", "rollout/kl_perception_exact", "grad_norm", "lr", "memory/peak_mb"):
-            assert key in r and r[key] == r[key], key  # present and not NaN
+            assert key in r and math.isfinite(r[key]), key  # present, not NaN, not inf
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "reward/accuracy" in x] == [1, 2]
     assert any("eval/avg@2" in x for x in lines)
@@ -128,7 +129,10 @@ def test_kill_and_resume_is_bitwise_identical(assets, tmp_path):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_zero3_matches_zero0(assets, tmp_path, tied):
-    extra = ["trainer.max_steps=1", "checkpoint.save_every=0", f"model.tiny.tie_word_embeddings={str(tied).lower()}"]
+    extra = ["trainer.max_steps=1", "checkpoint.save_every=0", f"model.tiny.tie_word_embeddings={str(tied).lower()}",
+             # eps >> |g| makes Adam's first step lr * g / (|g| + eps) ~ lr * g (SGD-like), and no
+             # clipping: a wrong gradient scale shows in the weights instead of being normalized away
+             "optim.eps=1.0", "optim.lr=1.0", "optim.max_grad_norm=1e6"]
     results = []
     for stage in (0, 3):
         out = tmp_path / f"z{stage}"
@@ -138,15 +142,16 @@ def test_zero3_matches_zero0(assets, tmp_path, tied):
     (r0, p0), (r3, p3) = results
     for key in ("loss/total", "reward/mean", "kl/perception", "entropy/full"):
         assert r0[0][key] == pytest.approx(r3[0][key], abs=1e-6), key
+    assert r0[0]["grad_norm"] == pytest.approx(r3[0]["grad_norm"], rel=1e-4)
     for k in p0:
         assert p0[k].shape == p3[k].shape, (k, p0[k].shape, p3[k].shape)
-        # ZeRO-3 sums gradients in another order; Adam's first step, lr * g / (|g| + eps), turns
-        # those fp32 rounding differences into up to ~1e-3 * lr on weights whose gradient is ~eps.
-        # A wrong (e.g. ungathered) head would move weights by O(lr) = 1e-2.
-        torch.testing.assert_close(p0[k], p3[k], atol=1e-2 * 1e-2, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+        # the update is ~ the gradient itself: ZeRO-3's other summation order moves it by fp32
+        # rounding, a wrong gradient scale (or an ungathered head) by O(|g|)
+        torch.testing.assert_close(p0[k], p3[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
     assert any((p0[k] != 0).any() for k in p0)
 
 
+@pytest.mark.distributed
 def test_deepspeed_launcher_smoke(assets, tmp_path):
     """Two steps through the `deepspeed` launcher, as CI and the README run it."""
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
@@ -242,6 +247,7 @@ def _launch(out: Path, world: int, extra: list[str]) -> dict:
     return torch.load(out / "result.pt", weights_only=False)
 
 
+@pytest.mark.distributed
 def test_two_processes_match_one(assets, tmp_path):
     """loss_scale="global": 2 processes x 2 micro-batches == 1 process on the whole mini-batch."""
     common = ["trainer.max_steps=1", "checkpoint.save_every=0", "papo.loss_scale=global",
