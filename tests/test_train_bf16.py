@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_train_trainer import assets, fresh_dir, make_cfg  # noqa: F401 - the module fixture
+from tests._tiny_runs import fresh_dir, make_cfg
 
 
 @pytest.mark.parametrize("fp32_head,zero_stage", [(False, 0), (True, 0), (True, 2)])
-def test_bf16_run(assets, tmp_path, fp32_head, zero_stage):  # noqa: F811
+def test_bf16_run(assets, tmp_path, fp32_head, zero_stage):
     from train.trainer import PolicyWithLoss, Trainer, fp32_master_weight
 
     out = fresh_dir(assets, tmp_path, f"bf16_{fp32_head}_{zero_stage}")
@@ -69,7 +69,7 @@ def test_head_weight_is_the_master_with_gradient_to_the_working_weight():
         assert mod.head_weight(policy.lm_head) is master
 
 
-def test_fp32_head_of_a_frozen_lora_head_is_the_loaded_weight(assets, tmp_path):  # noqa: F811
+def test_fp32_head_of_a_frozen_lora_head_is_the_loaded_weight(assets, tmp_path):
     pytest.importorskip("peft")
     from train.trainer import Trainer, load_policy
 

@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
-from tests.test_train_trainer import assets, fresh_dir, make_cfg  # noqa: F401 - the module fixture
+from tests._tiny_runs import fresh_dir, make_cfg
 
 pytest.importorskip("peft")
 
 
-def test_lora_trains_adapters_only_and_export_merges(assets, tmp_path):  # noqa: F811
+def test_lora_trains_adapters_only_and_export_merges(assets, tmp_path):
     from train.trainer import Trainer, load_policy
 
     out = fresh_dir(assets, tmp_path, "lora")
@@ -52,7 +52,7 @@ def test_lora_trains_adapters_only_and_export_merges(assets, tmp_path):  # noqa:
         tr.close()
 
 
-def test_lora_errors(assets, monkeypatch):  # noqa: F811
+def test_lora_errors(assets, monkeypatch):
     from train.config import ConfigError, LoRAConfig
     from train.lora import apply_lora
     from train.trainer import load_policy
