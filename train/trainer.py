@@ -61,6 +61,7 @@ from train.batching import EncodedPrompt, PackedBatch, Sequence, encode_prompt, 
     plan_micro_batches
 from train.config import ConfigError, RunConfig, save_config
 from train.data import VisionRLDataset, load_dataset_for, write_synthetic
+from train.policy import load_policy
 from train.rollout import HFRolloutEngine, RolloutEngine, SamplingParams
 
 log = logging.getLogger("train")
@@ -168,23 +169,6 @@ def set_deterministic(enabled: bool, seed: int, num_threads: int = 0) -> None:
 
 
 # --------------------------------------------------------------------------- model loading
-
-
-def load_policy(path: str | Path, *, dtype: torch.dtype, attn_implementation: str):
-    """Load a Qwen2.5-VL model and processor from a local directory (never the network)."""
-    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {p} has no config.json (expected a local Qwen2.5-VL checkpoint)")
-    config = AutoConfig.from_pretrained(p, local_files_only=True)
-    if config.model_type != "qwen2_5_vl":
-        raise ConfigError(f"model.path {p} holds a {config.model_type!r} model; this trainer needs "
-                          "Qwen2.5-VL (model_type 'qwen2_5_vl')")
-    processor = AutoProcessor.from_pretrained(p, local_files_only=True)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        p, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True)
-    return model, processor
 
 
 def fp32_master_weight(optimizer, param: torch.Tensor) -> torch.Tensor | None:
