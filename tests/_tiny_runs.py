@@ -20,6 +20,7 @@ import torch
 
 from train.config import RunConfig, load_config
 from train.data import write_synthetic
+from train.distributed import free_port
 from train.tiny import TinyModelSpec, ensure_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,13 +70,6 @@ def fresh_dir(assets: Path, tmp_path: Path, name: str) -> Path:
     shutil.copytree(assets / "tiny_model", out / "tiny_model")
     shutil.copytree(assets / "data", out / "data")
     return out
-
-
-def free_port() -> int:
-    """A free local TCP port (for a rendezvous of processes this test starts)."""
-    from train.trainer import _free_port  # importing the trainer needs DeepSpeed: only when launching
-
-    return _free_port()
 
 
 def child_env(**extra: str) -> dict[str, str]:

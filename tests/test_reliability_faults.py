@@ -34,7 +34,7 @@ def _records(out: Path) -> list[dict]:
 
 def _checkpoints(out: Path) -> tuple[list[str], list[str]]:
     """(complete checkpoint names, names of other entries) under <out>/checkpoints."""
-    from train.trainer import complete_checkpoints
+    from train.checkpoint import complete_checkpoints
 
     root = out / "checkpoints"
     complete = [p.name for p in complete_checkpoints(root)]
@@ -70,7 +70,8 @@ def _killed_run(out: Path, fault: str) -> str:
 @pytest.mark.slow
 @pytest.mark.distributed  # the killed runs are training processes of their own
 def test_faults_then_resume_match_an_uninterrupted_run(assets, tmp_path, monkeypatch, caplog):
-    from train.trainer import CheckpointError, Trainer
+    from train.checkpoint import CheckpointError
+    from train.trainer import Trainer
 
     # the uninterrupted run, with the checkpoint points armed (at an unreachable count) to count the
     # files one checkpoint writes

@@ -186,9 +186,9 @@ def test_exact_estimator_gradient_through_the_trainer(assets, tmp_path, masked_v
         want = torch.autograd.grad(_dense_perception_loss(tr, batch, masked_view, gamma), params,
                                    allow_unused=True)
         n_tokens = float(sum(s.response_ids.numel() for s in members))
-        metrics = tr.forward_backward_step(members, num_micro_batches=1, num_valid_tokens=n_tokens,
-                                           num_valid_sequences=float(len(members)),
-                                           coefficients=tr.papo.coefficients(0, 1))
+        metrics = tr.updater.forward_backward_step(members, num_micro_batches=1, num_valid_tokens=n_tokens,
+                                                   num_valid_sequences=float(len(members)),
+                                                   coefficients=tr.papo.coefficients(0, 1))
         assert metrics["kl/perception"] > 0
         for (name, p), w in zip([(n, p) for n, p in tr.module.named_parameters() if p.requires_grad], want):
             g = torch.zeros_like(p) if p.grad is None else p.grad
@@ -204,7 +204,7 @@ def test_exact_estimator_gradient_through_the_trainer(assets, tmp_path, masked_v
 
 
 def test_warm_start_lowers_the_nll_and_papo_starts_from_it(assets, tmp_path):
-    from train.trainer import load_policy
+    from train.policy import load_policy
 
     out = fresh_dir(assets, tmp_path, "sft")
     cfg = make_cfg(out, "trainer.max_steps=1", *ONE_UPDATE_PER_STEP, "sft.steps=4", "sft.batch_size=8",

@@ -13,7 +13,8 @@ pytest.importorskip("peft")
 
 
 def test_lora_trains_adapters_only_and_export_merges(assets, tmp_path):
-    from train.trainer import Trainer, load_policy
+    from train.policy import load_policy
+    from train.trainer import Trainer
 
     out = fresh_dir(assets, tmp_path, "lora")
     # one mini-batch per step: on-policy, ratio == 1
@@ -55,7 +56,7 @@ def test_lora_trains_adapters_only_and_export_merges(assets, tmp_path):
 def test_lora_errors(assets, monkeypatch):
     from train.config import ConfigError, LoRAConfig
     from train.lora import apply_lora
-    from train.trainer import load_policy
+    from train.policy import load_policy
 
     policy, _ = load_policy(assets / "tiny_model", dtype=torch.float32, attn_implementation="sdpa")
     with pytest.raises(ConfigError, match="model.lora.target_modules"):

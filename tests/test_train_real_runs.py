@@ -100,8 +100,8 @@ def test_a_1001_px_image_gets_the_official_grid_in_every_path(tmp_path):
     72 x 72 patches. Handing the processor the data bounds instead (max 1,003,520) gave 70 x 70."""
     from train.eval import evaluate_dataset
     from train.rollout import SamplingParams
+    from train.samples import Sample
     from train.tiny import TinyModelSpec, ensure_tiny_model_dir
-    from train.trainer import Sample
 
     assert official_grid(1001, 1001, **OFFICIAL_DATA) == (72, 72)
     out = tmp_path / "run"
@@ -239,7 +239,7 @@ def test_text_only_samples_never_break_the_masked_pass(assets, tmp_path):
     its original one (masked log-probs = old log-probs, perception KL 0)."""
     from train.batching import encode_prompt
     from train.data import format_prompt
-    from train.trainer import Sample
+    from train.samples import Sample
 
     tr = trainer(fresh_dir(assets, tmp_path, "text"))
     try:

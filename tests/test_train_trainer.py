@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._tiny_runs import FAST, ROOT, TINY, child_env, free_port, fresh_dir, launch_ranks, make_cfg, stable
+from tests._tiny_runs import FAST, ROOT, TINY, child_env, fresh_dir, launch_ranks, make_cfg, stable
+from train.distributed import free_port
 
 
 def run_trainer(cfg, *, steps_then_kill: int | None = None):
@@ -128,7 +129,7 @@ def test_deepspeed_launcher_smoke(assets, tmp_path):
 
 def test_bad_model_dir_is_a_clear_error(tmp_path):
     from train.config import ConfigError
-    from train.trainer import load_policy
+    from train.policy import load_policy
 
     with pytest.raises(FileNotFoundError, match="model.path"):
         load_policy(tmp_path, dtype=torch.float32, attn_implementation="sdpa")

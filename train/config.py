@@ -355,7 +355,7 @@ class CheckpointConfig:
     export_hf: bool = True
     """Write the final weights in HF format to `<out_dir>/hf_model` (ZeRO-3 shards consolidated)."""
     allow_changed_keys: list[str] = field(default_factory=list)
-    """Settings (dotted keys of train.trainer.RESUME_INVARIANT_KEYS, e.g. "optim.lr") allowed to differ
+    """Settings (dotted keys of train.checkpoint.RESUME_INVARIANT_KEYS, e.g. "optim.lr") allowed to differ
     from the checkpoint's when resuming; without them a resume under other values is refused."""
 
     def __post_init__(self) -> None:
