@@ -4,6 +4,11 @@ A backend is the functions `forward_stats`, `backward_grads` and optionally `los
 the signatures of papo_kernels/reference.py. The
 optional backends are imported lazily so that importing papo_kernels never fails on a machine
 without a GPU, without Triton or without the compiled extension.
+
+`backend="auto"` picks the fastest backend that runs on the tensors' device: Triton on CUDA, the
+compiled extension ("cpp") on CPU once it is built, else the torch backend. The environment
+variable PAPO_KERNELS_BACKEND=torch|triton|cpp makes "auto" mean that backend instead (to time or
+debug a whole program, e.g. the trainer, with one backend); explicit backends are unaffected.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Callable
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
+FORCE_ENV = "PAPO_KERNELS_BACKEND"
 STRATEGIES = ("auto", "workspace", "fused")
 
 
@@ -71,8 +77,14 @@ def _cpp_backend() -> tuple[Backend | None, str]:
     return _optional_backend(
         "cpp",
         "papo_kernels.extension",
-        "the C++/CUDA extension is not built (pip install -e . --no-build-isolation builds it)",
+        "the C++ extension is not built (pip install --no-build-isolation -e . builds it)",
     )
+
+
+def _cpp_can_run(device: torch.device) -> tuple[bool, str]:
+    from papo_kernels import extension  # imported by _cpp_backend already
+
+    return extension.can_run(device)
 
 
 def _triton_can_run(device: torch.device) -> tuple[bool, str]:
@@ -109,16 +121,26 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         backend, reason = _cpp_backend()
         if backend is None:
             raise BackendUnavailableError(f"backend='cpp' is not available: {reason}")
+        ok, reason = _cpp_can_run(device)
+        if not ok:
+            raise BackendUnavailableError(f"backend='cpp' is not available: {reason}")
         return backend
+    forced = os.environ.get(FORCE_ENV)
+    if forced:
+        if forced not in BACKENDS[1:]:
+            raise ValueError(f"{FORCE_ENV} must be one of {BACKENDS[1:]} (or unset), got {forced!r}")
+        try:
+            return resolve_backend(forced, device)
+        except BackendUnavailableError as exc:
+            raise BackendUnavailableError(f"{FORCE_ENV}={forced} asks for it: {exc}") from None
     # auto: the fastest backend that runs on this device without an interpreter.
     if device.type == "cuda":
         backend, _ = _triton_backend()
         if backend is not None:
             return backend
-    if device.type in ("cpu", "cuda"):
-        backend, _ = _cpp_backend()
-        if backend is not None:
-            return backend
+    backend, _ = _cpp_backend()
+    if backend is not None and _cpp_can_run(device)[0]:
+        return backend
     return _torch_backend()
 
 

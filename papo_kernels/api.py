@@ -153,9 +153,10 @@ def _flat(t: Tensor, keep_last: bool) -> Tensor:
 _COMMON_ARGS = """
         temperature: logits are z = hidden @ weight.T / temperature (finite, > 0).
         ignore_index: rows whose target equals it give 0 in every output and 0 gradient.
-        backend: "auto" (fastest available for the tensors' device), "torch" (chunked
-            PyTorch, any device and dtype), "triton", "cpp"; an explicit backend that is not
-            built or cannot run raises BackendUnavailableError.
+        backend: "auto" (fastest available for the tensors' device: Triton on CUDA, the
+            compiled "cpp" on CPU, else "torch"; PAPO_KERNELS_BACKEND=torch|triton|cpp
+            overrides it), "torch" (chunked PyTorch, any device and dtype), "triton", "cpp";
+            an explicit backend that is not built or cannot run raises BackendUnavailableError.
         strategy: "auto" | "workspace" | "fused" (DESIGN.md "Execution strategies") for
             backends that have several; the torch backend has one and ignores it.
         check_inputs: raise ValueError naming `targets` for ids outside [0, V) other than
@@ -164,8 +165,9 @@ _COMMON_ARGS = """
         check_finite: raise ValueError on NaN/Inf rows of the hidden states or weight. When
             False a non-finite row gives non-finite outputs, dh rows and dW.
             (Both checks need a host sync and are skipped inside torch.compile'd code.)
-        chunk_tokens, chunk_vocab: tile sizes of the torch backend (rows x vocabulary
-            columns per block); None for the defaults (1024 x 8192).
+        chunk_tokens, chunk_vocab: block sizes, None for each backend's defaults: rows x
+            vocabulary columns per block for the torch backend (1024 x 8192); rows per chunk
+            for triton and cpp (cpp "fused": vocabulary columns per tile in chunk_vocab).
 """
 
 
@@ -252,7 +254,9 @@ def two_view_stats(
 def _fused(hiddens, weight, targets, loss_fn, stats_type, temperature, ignore_index, backend,
            strategy, check_inputs, check_finite, chunk_tokens, chunk_vocab):
     if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (stats, index) -> (loss, metrics), got {type(loss_fn).__name__}")
+        raise TypeError(
+            f"loss_fn must be callable (stats, index) -> (loss, metrics), got {type(loss_fn).__name__}"
+        )
     _validate(hiddens, weight, targets, temperature, ignore_index, backend, strategy, check_inputs,
               check_finite, chunk_tokens, chunk_vocab)
     views = [_flat(h, True) for h in hiddens.values()]
