@@ -157,13 +157,17 @@ def _extension_and_command():
         ("PAPO_TORCH_VERSION", f'"{torch.__version__}"'),
         ("PAPO_TORCH_GIT_VERSION", f'"{torch.version.git_version}"'),
     ]
-    # -g0: no debug info (Python's CFLAGS add -g); the pragmas and maybe-uninitialized warnings come
-    # from ATen's vector headers (torch builds with the same two switches)
-    cxx = ["-O3", "-std=c++20", "-g0", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+    # -fopenmp: at::parallel_for is an inline OpenMP region (ATen/ParallelOpenMP.h); without it
+    # our parallel loops would silently run on one thread. -g0: no debug info (Python's CFLAGS
+    # add -g). The pragma and maybe-uninitialized warnings come from ATen's vector headers
+    # (torch builds with the same two switches).
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-g0", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"] + openmp
     python_sources = cpp_sources  # csrc/python_module.cpp makes the library importable
 
     def cpu_extension():
-        return CppExtension(EXT_NAME, python_sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+        return CppExtension(EXT_NAME, python_sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+                            extra_link_args=openmp)
 
     if build_cuda:
         if not torch.cuda.is_available():
@@ -171,7 +175,7 @@ def _extension_and_command():
         nvcc = ["-O3", "-std=c++20", f"--threads={os.environ.get('NVCC_THREADS', '4')}"]
         ext = CUDAExtension(EXT_NAME, python_sources + cuda_sources,
                             define_macros=macros + [("PAPO_WITH_CUDA", "1")],
-                            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=openmp)
     else:
         ext = cpu_extension()
 

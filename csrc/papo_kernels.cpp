@@ -283,11 +283,18 @@ void chunk_backward_cpu(const at::Tensor& workspace, const at::Tensor& hidden_a,
 }
 
 std::string build_info() {
+#ifdef _OPENMP
+  // at::parallel_for is an inline OpenMP region: a build without -fopenmp runs it on one thread
+  constexpr const char* openmp = "1";
+#else
+  constexpr const char* openmp = "0";
+#endif
   std::ostringstream s;
   s << "torch=" << PAPO_TORCH_VERSION << ";git=" << PAPO_TORCH_GIT_VERSION
     << ";cpu_capability=" << cpu::epilogue_kernels().capability << ";compiled=DEFAULT"
     << (cpu::epilogue_kernels_AVX2() != nullptr ? ",AVX2" : "")
-    << (cpu::epilogue_kernels_AVX512() != nullptr ? ",AVX512" : "") << ";threads=" << at::get_num_threads();
+    << (cpu::epilogue_kernels_AVX512() != nullptr ? ",AVX512" : "") << ";openmp=" << openmp
+    << ";threads=" << at::get_num_threads();
   return s.str();
 }
 

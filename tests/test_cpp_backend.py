@@ -577,6 +577,8 @@ def test_chunk_ops_reject_a_small_workspace():
 def test_build_stamp_matches_this_torch():
     info = E.build_info()
     assert f"torch={torch.__version__};" in info and "cpu_capability=" in info
+    # built with OpenMP: otherwise every at::parallel_for of the kernels runs on one thread
+    assert ";openmp=1;" in info
 
 
 def test_a_build_for_another_torch_is_refused(tmp_path):

@@ -20,6 +20,9 @@ namespace papo_kernels::cpu {
 
 // Single-threaded BLAS in this thread while in scope: the tile GEMMs run inside our parallel
 // regions, one per thread. (Other BLAS libraries run single-threaded inside OpenMP regions.)
+// The ATen ops called inside a parallel region also need the caller's thread-local state
+// (at::ThreadLocalStateGuard): OpenMP workers start with autograd enabled, and a custom op's
+// kernel runs below autograd only on the calling thread.
 class SingleThreadedBlas {
  public:
   SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}

@@ -24,6 +24,7 @@
 // thread a [tile_rows, tile_cols] logit tile per view and fp32 operand copies of one tile, plus
 // the chunk's stacked rows and one dh partial per thread; never a [C, V] block.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include "common.h"
 
@@ -55,8 +56,10 @@ std::vector<at::Tensor> forward_stats_tiles(const Problem& p, int64_t tile_rows,
   reset_states(states.data(), n);
   const EpilogueKernels& k = epilogue_kernels();
   const int64_t* targets = p.targets.data_ptr<int64_t>();
+  const at::ThreadLocalState caller_state;
   // grain 1: ATen hands each thread one contiguous block of rows
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     const SingleThreadedBlas blas_guard;
     const int64_t sub = std::min(tile_rows, end - begin);
     const auto f32 = p.hidden_a.options().dtype(at::kFloat);
@@ -105,6 +108,7 @@ void backward_grads_tiles(const Problem& p, const SavedStats& stats, const Upstr
   const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), vocab));
   const int64_t c_max = std::min(chunk_rows, n);
   const auto f32 = p.hidden_a.options().dtype(at::kFloat);
+  const at::ThreadLocalState caller_state;
   for (int64_t r0 = 0; r0 < n; r0 += c_max) {
     const int64_t c = std::min(c_max, n - r0);
     const at::Tensor x = stacked_rows(p, r0, c, plan.load_b);
@@ -113,6 +117,7 @@ void backward_grads_tiles(const Problem& p, const SavedStats& stats, const Upstr
     const int64_t w_rows = need_dw ? (out.b_in_dw ? 2 * c : c) : 0;
     at::Tensor partials = h_rows > 0 ? at::zeros({slices, h_rows, hid}, f32) : at::Tensor();
     at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
+      const at::ThreadLocalStateGuard state_guard(caller_state);
       const SingleThreadedBlas blas_guard;
       at::Tensor z_tile = at::empty({views * c, tile_cols}, f32);
       at::Tensor w_buf = operand_buffer(p.weight, tile_cols);
