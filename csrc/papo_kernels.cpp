@@ -15,7 +15,8 @@
 // strategy: "workspace" (chunk GEMMs into a [views * chunk_tokens, V] logit workspace) or "fused"
 // (tile GEMMs with in-cache epilogues, no workspace); see cpu/workspace.cpp and cpu/tiles.cpp.
 // chunk_tokens: rows per chunk (workspace) or per dh partial (fused backward); chunk_vocab:
-// vocabulary columns per tile (fused), or vocabulary rows of a half weight upcast at a time.
+// vocabulary columns per tile (fused; chunk_forward), or vocabulary rows of a half weight upcast
+// at a time (the workspace strategy's chunk GEMMs; chunk_backward). 0: the defaults.
 //
 // A later CUDA build adds its kernels under cuda/ and registers them for the CUDA dispatch key
 // beside the CPU ones below (the checks are shared).
@@ -258,7 +259,7 @@ std::vector<at::Tensor> chunk_forward_cpu(const at::Tensor& workspace, const at:
   const Problem p = make_problem(op, hidden_a, hidden_b, weight, targets, temperature, ignore_index);
   check_workspace(op, workspace, p);
   check_chunks(op, 1, chunk_vocab);
-  return cpu::chunk_forward(workspace, p, chunk_vocab > 0 ? chunk_vocab : kDefaultSlabRows);
+  return cpu::chunk_forward(workspace, p, kTileRows, chunk_vocab > 0 ? chunk_vocab : kDefaultTileCols);
 }
 
 void chunk_backward_cpu(const at::Tensor& workspace, const at::Tensor& hidden_a,

@@ -55,10 +55,12 @@ void backward_grads_workspace(const Problem& p, const SavedStats& stats, const U
                               const GradOutputs& out, int64_t chunk_rows, int64_t slab_rows);
 
 // The fused calls' chunk step with the workspace kept between the phases: chunk_forward writes
-// the chunk's logits into `workspace` ([views * N, V] float32 or larger) and returns its
+// the chunk's logits into `workspace` ([views * N, V] float32 or larger) with the tile GEMMs of
+// forward_stats_tiles (each tile folded into the statistics while in cache) and returns the
 // statistics; chunk_backward turns those logits into dZ in place and runs the dh / dW GEMMs (no
 // recompute GEMM). `p` holds only the chunk's rows; `out.dh_*` are the chunk's rows of dh.
-std::vector<at::Tensor> chunk_forward(const at::Tensor& workspace, const Problem& p, int64_t slab_rows);
+std::vector<at::Tensor> chunk_forward(const at::Tensor& workspace, const Problem& p, int64_t tile_rows,
+                                      int64_t tile_cols);
 void chunk_backward(const at::Tensor& workspace, const Problem& p, const SavedStats& stats,
                     const UpstreamGrads& grads, const GradOutputs& out, int64_t slab_rows);
 
@@ -68,7 +70,10 @@ void chunk_backward(const at::Tensor& workspace, const Problem& p, const SavedSt
 // in parallel over vocabulary slices: each thread owns its slice of dW (no races) and keeps a
 // private dh partial for the chunk, summed in a fixed order afterwards (bitwise reproducible at a
 // fixed thread count).
-std::vector<at::Tensor> forward_stats_tiles(const Problem& p, int64_t tile_rows, int64_t tile_cols);
+// `keep` (optional, [views * N, V] fp32 with view b at row N): the tiles are written there instead
+// of thread-local buffers, so the logits outlive the call (the fused calls' chunk_forward).
+std::vector<at::Tensor> forward_stats_tiles(const Problem& p, int64_t tile_rows, int64_t tile_cols,
+                                            const at::Tensor& keep = at::Tensor());
 void backward_grads_tiles(const Problem& p, const SavedStats& stats, const UpstreamGrads& grads,
                           const GradOutputs& out, int64_t chunk_rows, int64_t tile_cols);
 

@@ -46,7 +46,8 @@ at::Tensor operand_buffer(const at::Tensor& t, int64_t rows) {
 
 }  // namespace
 
-std::vector<at::Tensor> forward_stats_tiles(const Problem& p, int64_t tile_rows, int64_t tile_cols) {
+std::vector<at::Tensor> forward_stats_tiles(const Problem& p, int64_t tile_rows, int64_t tile_cols,
+                                            const at::Tensor& keep) {
   const int64_t n = p.hidden_a.size(0), vocab = p.weight.size(0);
   std::vector<at::Tensor> outs = empty_stats(p, n);
   if (n == 0) return outs;
@@ -63,8 +64,9 @@ std::vector<at::Tensor> forward_stats_tiles(const Problem& p, int64_t tile_rows,
     const SingleThreadedBlas blas_guard;
     const int64_t sub = std::min(tile_rows, end - begin);
     const auto f32 = p.hidden_a.options().dtype(at::kFloat);
-    at::Tensor za_tile = at::empty({sub, tile_cols}, f32);
-    at::Tensor zb_tile = two ? at::empty({sub, tile_cols}, f32) : at::Tensor();
+    // without `keep`, one reusable tile per view; with it, the tiles are windows of `keep`
+    const at::Tensor za_tile = keep.defined() ? at::Tensor() : at::empty({sub, tile_cols}, f32);
+    const at::Tensor zb_tile = (two && !keep.defined()) ? at::empty({sub, tile_cols}, f32) : at::Tensor();
     at::Tensor xa_buf = operand_buffer(p.hidden_a, sub);
     at::Tensor xb_buf = two ? operand_buffer(p.hidden_b, sub) : at::Tensor();
     at::Tensor w_buf = operand_buffer(p.weight, tile_cols);
@@ -73,14 +75,18 @@ std::vector<at::Tensor> forward_stats_tiles(const Problem& p, int64_t tile_rows,
       const at::Tensor w_t = fp32_rows(p.weight, v0, width, w_buf).t();
       for (int64_t m0 = begin; m0 < end; m0 += sub) {
         const int64_t m = std::min(sub, end - m0);
-        at::Tensor za = za_tile.narrow(0, 0, m).narrow(1, 0, width);
+        at::Tensor za = keep.defined() ? keep.narrow(0, m0, m).narrow(1, v0, width)
+                                       : za_tile.narrow(0, 0, m).narrow(1, 0, width);
         at::mm_out(za, fp32_rows(p.hidden_a, m0, m, xa_buf), w_t);
+        at::Tensor zb;
         if (two) {
-          at::Tensor zb = zb_tile.narrow(0, 0, m).narrow(1, 0, width);
+          zb = keep.defined() ? keep.narrow(0, n + m0, m).narrow(1, v0, width)
+                              : zb_tile.narrow(0, 0, m).narrow(1, 0, width);
           at::mm_out(zb, fp32_rows(p.hidden_b, m0, m, xb_buf), w_t);
         }
-        const FoldArgs fold{za_tile.data_ptr<float>(), two ? zb_tile.data_ptr<float>() : nullptr, tile_cols,
-                            width, v0, targets + m0, p.ignore_index, vocab, p.inv_t, states.data() + m0};
+        // fold the tile while it is in cache (the GEMM just wrote it)
+        const FoldArgs fold{za.data_ptr<float>(), two ? zb.data_ptr<float>() : nullptr, za.stride(0), width, v0,
+                            targets + m0, p.ignore_index, vocab, p.inv_t, states.data() + m0};
         k.fold(fold, 0, m);
       }
     }

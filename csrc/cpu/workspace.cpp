@@ -125,15 +125,15 @@ void backward_grads_workspace(const Problem& p, const SavedStats& stats, const U
   }
 }
 
-std::vector<at::Tensor> chunk_forward(const at::Tensor& workspace, const Problem& p, int64_t slab_rows) {
+std::vector<at::Tensor> chunk_forward(const at::Tensor& workspace, const Problem& p, int64_t tile_rows,
+                                      int64_t tile_cols) {
   const int64_t c = p.hidden_a.size(0), vocab = p.weight.size(0);
-  std::vector<at::Tensor> outs = empty_stats(p, c);
-  if (c == 0) return outs;
+  if (c == 0) return empty_stats(p, c);
   const int64_t views = p.two_views() ? 2 : 1;
   const at::Tensor z = workspace.reshape({-1}).narrow(0, 0, views * c * vocab).view({views * c, vocab});
-  logits_gemm(z, stacked_rows(p, 0, c, p.two_views()), p.weight, slab_rows);
-  stats_epilogue(z, p, 0, c, outs);
-  return outs;
+  // per-thread tile GEMMs into the workspace, each tile folded while in cache: one pass over the
+  // logits fewer than a chunk GEMM followed by the epilogue
+  return forward_stats_tiles(p, tile_rows, tile_cols, z);
 }
 
 void chunk_backward(const at::Tensor& workspace, const Problem& p, const SavedStats& stats,
