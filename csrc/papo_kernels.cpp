@@ -25,6 +25,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -48,8 +49,10 @@ extern "C" __attribute__((used, visibility("default"))) const char papo_kernels_
 namespace papo_kernels {
 namespace {
 
-// Default vocabulary rows of a half weight upcast to fp32 at a time (workspace strategy).
-constexpr int64_t kDefaultSlabRows = 8192;
+// Bytes of the fp32 slab a half weight is upcast into at a time (workspace strategy): 8192 rows at
+// H = 1024, 2340 at the 7B head's H = 3584; never fewer than kMinSlabRows rows.
+constexpr int64_t kSlabBytes = 32 << 20;
+constexpr int64_t kMinSlabRows = 256;
 // Default vocabulary columns per tile (fused strategy): a [rows, cols] fp32 tile stays in L2.
 constexpr int64_t kDefaultTileCols = 256;
 // Rows per tile GEMM in the fused forward.
@@ -188,6 +191,11 @@ GradOutputs make_outputs(const char* op, const Problem& p, const std::optional<a
   return o;
 }
 
+int64_t slab_rows(int64_t chunk_vocab, const Problem& p) {
+  if (chunk_vocab > 0) return chunk_vocab;
+  return std::max(kMinSlabRows, kSlabBytes / (4 * p.weight.size(1)));
+}
+
 bool use_workspace(const char* op, c10::string_view strategy) {
   TORCH_CHECK(strategy == "workspace" || strategy == "fused", "papo_kernels_C::", op,
               ": strategy must be 'workspace' or 'fused', got '", std::string(strategy), "'");
@@ -221,7 +229,7 @@ std::vector<at::Tensor> forward_stats_cpu(const at::Tensor& hidden_a, const std:
   const Problem p = make_problem(op, hidden_a, hidden_b, weight, targets, temperature, ignore_index);
   check_chunks(op, chunk_tokens, chunk_vocab);
   if (use_workspace(op, strategy)) {
-    return cpu::forward_stats_workspace(p, chunk_tokens, chunk_vocab > 0 ? chunk_vocab : kDefaultSlabRows);
+    return cpu::forward_stats_workspace(p, chunk_tokens, slab_rows(chunk_vocab, p));
   }
   return cpu::forward_stats_tiles(p, kTileRows, chunk_vocab > 0 ? chunk_vocab : kDefaultTileCols);
 }
@@ -245,7 +253,7 @@ void backward_grads_cpu(const at::Tensor& hidden_a, const std::optional<at::Tens
   const GradOutputs out = make_outputs(op, p, dh_a, dh_b, weight_grad_acc, b_in_dw);
   check_chunks(op, chunk_tokens, chunk_vocab);
   if (use_workspace(op, strategy)) {
-    cpu::backward_grads_workspace(p, stats, grads, out, chunk_tokens, chunk_vocab > 0 ? chunk_vocab : kDefaultSlabRows);
+    cpu::backward_grads_workspace(p, stats, grads, out, chunk_tokens, slab_rows(chunk_vocab, p));
   } else {
     cpu::backward_grads_tiles(p, stats, grads, out, chunk_tokens, chunk_vocab > 0 ? chunk_vocab : kDefaultTileCols);
   }
@@ -280,7 +288,7 @@ void chunk_backward_cpu(const at::Tensor& workspace, const at::Tensor& hidden_a,
       make_grads(op, p, grad_logp_a, grad_entropy_a, grad_logp_b, grad_entropy_b, grad_kl_ab, grad_kl_ba);
   const GradOutputs out = make_outputs(op, p, dh_a, dh_b, weight_grad_acc, b_in_dw);
   check_chunks(op, 1, chunk_vocab);
-  cpu::chunk_backward(workspace, p, stats, grads, out, chunk_vocab > 0 ? chunk_vocab : kDefaultSlabRows);
+  cpu::chunk_backward(workspace, p, stats, grads, out, slab_rows(chunk_vocab, p));
 }
 
 std::string build_info() {
