@@ -4,6 +4,8 @@
 //
 //   Z  = [h_a; h_b] W^T            [views * C, V] fp32, one ATen/BLAS GEMM (all threads)
 //   stats: fold + finish            parallel over rows, at::vec, each row's segments in L1
+//                                   (the fused calls' chunk_forward instead fills Z with the
+//                                   tile GEMMs of tiles.cpp, folding each tile while in cache)
 //   dZ over Z in place              parallel over rows (the fused calls reuse the forward's Z;
 //                                   the stats ops' backward recomputes it with the same GEMM)
 //   dh = dZ W                       one GEMM for the views that need dh (fp32 accumulation)
