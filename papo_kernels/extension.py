@@ -6,7 +6,7 @@ every output and gradient, targets outside [0, V) give NaN outputs and gradients
 tail contributes exactly 0, a constant view b sends no gradient to the weight. float64 inputs go
 to the torch backend (reference.py): fp64 is for gradchecks on small shapes, not for speed.
 
-Strategies (DESIGN.md "Execution strategies"):
+Strategies (docs/design.md "Execution strategies"):
 
 - "workspace": per chunk of rows, one BLAS GEMM of the stacked views into a bounded fp32 logit
   workspace and at::vec epilogues over whole rows; the fused calls keep each chunk's logits

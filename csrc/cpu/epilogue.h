@@ -2,7 +2,7 @@
 //
 // The GEMMs (ATen/BLAS) produce raw products Z = h w^T; every epilogue reads them as
 // z = Z / T (multiplied by inv_t = 1/T) and works row by row in fp32, with the cross-tile sums in
-// fp64 (DESIGN.md "Kernel math"):
+// fp64 (docs/design.md "Kernel math"):
 //
 //   fold    streams a tile of columns [col0, col0 + width) of each row into its running
 //           statistics: max m, S = sum e^(z-m), U' = sum e^(z-m)(z-m) (shifted), and for two views

@@ -203,7 +203,7 @@ void check_forward(const Case& c, bool two, const char* strategy, int64_t chunk_
   }
 }
 
-// dZ of one row (the DESIGN.md formulas in double), for views a and b
+// dZ of one row (the docs/design.md formulas in double), for views a and b
 void naive_dz(const NaiveRow& s, int64_t target, const std::vector<double>& g, bool two, double temperature,
               std::vector<double>& dza, std::vector<double>& dzb) {
   const size_t vocab = s.logprob[0].size();
