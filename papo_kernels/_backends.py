@@ -5,6 +5,11 @@ the signatures of papo_kernels/reference.py. The
 optional backends are imported lazily so that importing papo_kernels never fails on a machine
 without a GPU, without Triton or without the compiled extension. Only a missing optional piece
 makes a backend unavailable: an ImportError from inside our own modules is raised.
+
+`backend="auto"` picks the fastest backend that runs on the tensors' device: Triton on CUDA, the
+compiled extension ("cpp") on CPU once it is built, else the torch backend. The environment
+variable PAPO_KERNELS_BACKEND=torch|triton|cpp makes "auto" mean that backend instead (to time or
+debug a whole program, e.g. the trainer, with one backend); explicit backends are unaffected.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +27,7 @@ import torch
 from papo_kernels._strategies import STRATEGIES  # noqa: F401  (re-exported: the public choices)
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
+FORCE_ENV = "PAPO_KERNELS_BACKEND"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -96,9 +103,15 @@ def _cpp_backend() -> tuple[Backend | None, str]:
     return _optional_backend(
         "cpp",
         "papo_kernels.extension",
-        "the C++/CUDA extension is not built (pip install -e . --no-build-isolation builds it)",
+        "the C++ extension is not built (pip install --no-build-isolation -e . builds it)",
         optional=("papo_kernels._C",),
     )
+
+
+def _cpp_can_run(device: torch.device) -> tuple[bool, str]:
+    from papo_kernels import extension  # imported by _cpp_backend already
+
+    return extension.can_run(device)
 
 
 def _triton_can_run(device: torch.device) -> tuple[bool, str]:
@@ -135,17 +148,36 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         backend, reason = _cpp_backend()
         if backend is None:
             raise BackendUnavailableError(f"backend='cpp' is not available: {reason}")
+        ok, reason = _cpp_can_run(device)
+        if not ok:
+            raise BackendUnavailableError(f"backend='cpp' is not available: {reason}")
         return backend
+    forced = os.environ.get(FORCE_ENV)
+    if forced:
+        if forced not in BACKENDS[1:]:
+            raise ValueError(f"{FORCE_ENV} must be one of {BACKENDS[1:]} (or unset), got {forced!r}")
+        try:
+            return resolve_backend(forced, device)
+        except BackendUnavailableError as exc:
+            raise BackendUnavailableError(f"{FORCE_ENV}={forced} asks for it: {exc}") from None
     # auto: the fastest backend that runs on this device without an interpreter.
     if device.type == "cuda":
         backend, _ = _triton_backend()
         if backend is not None:
             return backend
-    if device.type in ("cpu", "cuda"):
-        backend, _ = _cpp_backend()
-        if backend is not None:
-            return backend
+    backend, reason = _cpp_backend()
+    if backend is not None and _cpp_can_run(device)[0]:
+        return backend
+    if backend is None and device.type == "cpu" and importlib.util.find_spec("papo_kernels._C"):
+        _warn_cpp_fallback(reason)
     return _torch_backend()
+
+
+@functools.cache
+def _warn_cpp_fallback(reason: str) -> None:
+    """Once per process: a compiled extension is present but cannot be used, so `auto` runs the
+    slower torch backend; say why (typically a build made for another torch) and how to fix it."""
+    warnings.warn(f"backend='auto' uses the torch backend on CPU: {reason}", RuntimeWarning, stacklevel=3)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

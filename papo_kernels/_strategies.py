@@ -1,8 +1,10 @@
 """Execution strategy names: the public choices and the retired ones (with the reason, for errors).
 
-A strategy selects how a backend that has several runs (docs/design.md "Execution strategies").
-The torch backend has one and accepts any valid name; the Triton backend has the workspace
-strategy. "fused" (the in-register Triton kernels) was retired from the public choices: with
+A strategy selects how a backend that has several runs (docs/design.md "Execution strategies"):
+"workspace" (chunk GEMMs into a bounded fp32 logit workspace, kept between the fused calls'
+phases) on Triton and cpp; "tiles" (no logit workspace: logit tiles consumed while in cache,
+recomputed for the gradient) on cpp; "auto" picks per backend and call. The torch backend has
+one strategy and accepts any valid name. "fused" (the in-register Triton kernels) was retired from the public choices: with
 gradients it measured 104x the GEMM floor on an H100 (benchmarks/GPU_NOTES.md), and an
 in-register backward recomputes the logits, 8HV FLOPs against the 6HV floor, so it cannot get
 under 1.33x by construction.
@@ -10,11 +12,12 @@ under 1.33x by construction.
 
 from __future__ import annotations
 
-STRATEGIES = ("auto", "workspace")
+STRATEGIES = ("auto", "workspace", "tiles")
 RETIRED_STRATEGIES = {
     "fused": "the in-register Triton kernels measured 104x the GEMM floor with gradients on an H100 "
              "(an in-register backward recomputes the logits: >= 1.33x by construction); use "
-             "'auto' or 'workspace' (benchmarks/GPU_NOTES.md)",
+             "'auto' or 'workspace' (benchmarks/GPU_NOTES.md); the cpp backend's tile strategy is "
+             "'tiles'",
 }
 
 

@@ -157,11 +157,13 @@ def _flat(t: Tensor, keep_last: bool) -> Tensor:
 _COMMON_ARGS = """
         temperature: logits are z = hidden @ weight.T / temperature (finite, > 0).
         ignore_index: rows whose target equals it give 0 in every output and 0 gradient.
-        backend: "auto" (fastest available for the tensors' device), "torch" (chunked
-            PyTorch, any device and dtype), "triton", "cpp"; an explicit backend that is not
-            built or cannot run raises BackendUnavailableError.
-        strategy: "auto" | "workspace" (docs/design.md "Execution strategies"); the Triton backend
-            has the workspace strategy only (the in-register "fused" one was retired), the
+        backend: "auto" (fastest available for the tensors' device: Triton on CUDA, the
+            compiled "cpp" on CPU, else "torch"; PAPO_KERNELS_BACKEND=torch|triton|cpp
+            overrides it), "torch" (chunked PyTorch, any device and dtype), "triton", "cpp";
+            an explicit backend that is not built or cannot run raises BackendUnavailableError.
+        strategy: "auto" | "workspace" | "tiles" (docs/design.md "Execution strategies"):
+            Triton has "workspace" (the in-register "fused" one was retired), cpp has both
+            ("auto": "tiles" for the statistics calls, "workspace" for the fused calls), the
             torch backend has one and ignores it.
         check_inputs: raise ValueError naming `targets` for ids outside [0, V) other than
             ignore_index (default: True for CPU tensors, where it costs nothing). When False
@@ -169,8 +171,9 @@ _COMMON_ARGS = """
         check_finite: raise ValueError on NaN/Inf rows of the hidden states or weight. When
             False a non-finite row gives non-finite outputs, dh rows and dW.
             (Both checks need a host sync and are skipped inside torch.compile'd code.)
-        chunk_tokens, chunk_vocab: tile sizes of the torch backend (rows x vocabulary
-            columns per block); None for the defaults (1024 x 8192).
+        chunk_tokens, chunk_vocab: block sizes, None for each backend's defaults: rows x
+            vocabulary columns per block for the torch backend (1024 x 8192); rows per chunk
+            for triton and cpp (cpp "tiles": vocabulary columns per tile in chunk_vocab).
 """
 
 

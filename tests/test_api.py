@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,11 +60,25 @@ def test_bad_options():
 
 
 def test_cpp_backend_reports_not_built():
-    a, _, w, t = _inputs()
-    if "cpp" in pk.available_backends("cpu"):
-        pytest.skip("the C++ extension is built here")
-    with pytest.raises(pk.BackendUnavailableError, match="backend='cpp' is not available"):
-        pk.token_stats(a, w, t, backend="cpp")
+    """Without the compiled extension: backend="cpp" raises with the reason, "auto" uses torch."""
+    code = (
+        "import sys, torch\n"
+        "sys.modules['papo_kernels._C'] = None  # as if the extension were not built\n"
+        "import papo_kernels as pk\n"
+        "from papo_kernels._backends import resolve_backend\n"
+        "a, w, t = torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 1, 2])\n"
+        "try:\n"
+        "    pk.token_stats(a, w, t, backend='cpp')\n"
+        "except pk.BackendUnavailableError as exc:\n"
+        "    print('raised:', exc)\n"
+        "print('auto:', resolve_backend('auto', torch.device('cpu')).name)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PAPO_KERNELS_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "raised: backend='cpp' is not available: the C++ extension is not built" in out.stdout
+    assert "pip install --no-build-isolation -e ." in out.stdout
+    assert "auto: torch" in out.stdout
 
 
 def test_triton_backend_needs_gpu_or_interpreter(monkeypatch):

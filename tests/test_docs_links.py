@@ -92,9 +92,11 @@ def test_nothing_points_outside_the_repository():
     # The project's internal notes live in a sibling folder that a clone does not have; what a
     # reader needs from them is in docs/. Neither the folder nor the notes' names may appear.
     needles = ("../shared", "DESIGN.md", "PAPO_SPEC", "MACHINE_NOTES", "CONVENTIONS.md", "METHOD.md")
-    suffixes = {".md", ".py", ".yaml", ".yml", ".json", ".toml", ".sh", ".cfg", ".txt"}
+    suffixes = {".md", ".py", ".yaml", ".yml", ".json", ".toml", ".sh", ".cfg", ".txt", ".cpp", ".h",
+                ".cu", ".cuh"}
     roots = ["README.md", "Makefile", "setup.py", "pyproject.toml", ".ci", "docs", "papo_kernels",
-             "papo", "train", "benchmarks", "tests", "examples"]
+             "papo", "train", "benchmarks", "tests", "examples", "csrc", "experiments", "scripts",
+             "CMakeLists.txt"]
     offenders = []
     for root in roots:
         base = REPO / root

@@ -14,7 +14,9 @@ module both can import is. (`importlib.import_module` with a computed name, as t
 uses for the optional backends, is not an edge: it names a module only at run time.)
 
 An import of a package's submodule (`from papo.config import X`) is an edge to that submodule, not
-to the package's `__init__`; `from papo import X` is an edge to `papo/__init__.py`.
+to the package's `__init__`; `from papo import X` is an edge to `papo/__init__.py`. The compiled
+extension (`papo_kernels._C`, named by setup.py's EXT_NAME) is a module too, one that imports no
+first-party module: `from papo_kernels import _C` is an edge to it, whether it is built or not.
 """
 
 from __future__ import annotations
@@ -33,9 +35,22 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
+def native_modules(root: Path = ROOT) -> dict[str, Path]:
+    """{dotted name: setup.py} for the compiled extension setup.py builds (its EXT_NAME), if any."""
+    setup = root / "setup.py"
+    if not setup.exists():
+        return {}
+    for node in ast.parse(setup.read_text(), filename=str(setup)).body:
+        if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["EXT_NAME"]
+                and isinstance(node.value, ast.Constant)):
+            return {node.value.value: setup}
+    return {}
+
+
 def first_party_modules(root: Path = ROOT, packages=PACKAGES) -> dict[str, Path]:
-    """{dotted module name: file} for every .py file of `packages` under `root`."""
-    modules = {}
+    """{dotted module name: file} for every .py file of `packages` under `root`, and the compiled
+    extension (whose file, setup.py, is read for imports as a module with none of its own)."""
+    modules = dict(native_modules(root))
     for package in packages:
         for path in sorted((root / package).rglob("*.py")):
             modules[_module_name(path, root)] = path
@@ -81,7 +96,9 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 def import_graph(root: Path = ROOT, packages=PACKAGES) -> dict[str, set[str]]:
     modules = first_party_modules(root, packages)
-    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+    native = native_modules(root)
+    return {name: set() if name in native else imports_of(name, path, modules)
+            for name, path in modules.items()}
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -155,6 +172,7 @@ def _circle_in(component: list[str], graph: dict[str, set[str]]) -> list[str]:
 def test_no_import_circle():
     graph = import_graph()
     assert len(graph) > 50 and graph["train.trainer"], "the graph was not read (wrong root?)"
+    assert "papo_kernels._C" in graph["papo_kernels.extension"], "the compiled extension is not a module"
     cycles = find_cycles(graph)
     assert not cycles, "import circles (a -> b: a imports b):\n" + "\n".join(" -> ".join(c) for c in cycles)
 
@@ -176,4 +194,8 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
     assert sorted(find_cycles(graph)) == [["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"],
                                           ["pkg.e", "pkg.f", "pkg.e"]]
     (pkg / "b.py").write_text("def f():\n    pass\n")
+    (tmp_path / "setup.py").write_text('EXT_NAME = "pkg._native"\n')
+    (pkg / "g.py").write_text("from pkg import _native\n")  # the compiled module, not pkg/__init__
+    (pkg / "__init__.py").write_text("from pkg import g\n")
+    assert import_graph(tmp_path, ("pkg",))["pkg.g"] == {"pkg._native"}
     assert find_cycles(import_graph(tmp_path, ("pkg",))) == [["pkg.e", "pkg.f", "pkg.e"]]

@@ -49,7 +49,9 @@ _STAT_NAMES = ("logp_a", "entropy_a", "lse_a", "logp_b", "entropy_b", "lse_b", "
 
 
 def _strategy(strategy: str) -> str:
-    check_strategy(strategy)
+    if check_strategy(strategy) == "tiles":
+        raise ValueError("strategy='tiles' is the cpp backend's (CPU); the Triton backend has 'workspace' "
+                         "(or 'auto')")
     return "workspace"
 
 
