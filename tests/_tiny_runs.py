@@ -35,6 +35,14 @@ FAST = [
     "rollout.n=2", "data.max_response_length=6", "eval.every=0", "sft.steps=0",
     "checkpoint.export_hf=false", "tensorboard=false", "deterministic=true", "optim.lr=1e-2",
 ]
+# One PAPO step on 16 + 4 questions (`tiny_assets(16, 4)`) and nothing else: no warm start,
+# evaluation, checkpoint, export or plot; a module adds its batch and response sizes.
+ONE_STEP = [
+    "data.synthetic.n_train=16", "data.synthetic.n_val=4", "trainer.mini_batch_size=4",
+    "trainer.micro_batch_size=4", "trainer.log_prob_micro_batch_size=8", "rollout.n=2", "eval.every=0",
+    "sft.steps=0", "checkpoint.save_every=0", "checkpoint.save_final=false", "checkpoint.export_hf=false",
+    "tensorboard=false", "plot=false", "deterministic=true", "trainer.max_steps=1",
+]
 
 
 def tiny_config(out: Path | str, *overrides: str) -> RunConfig:

@@ -17,17 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._tiny_runs import fresh_dir, launch_ranks, tiny_config
+from tests._tiny_runs import ONE_STEP, fresh_dir, launch_ranks, tiny_config
 
 pytestmark = pytest.mark.distributed
 
-FAST = [
-    "data.synthetic.n_train=16", "data.synthetic.n_val=4", "trainer.rollout_batch_size=8",
-    "trainer.mini_batch_size=4", "trainer.micro_batch_size=4", "trainer.log_prob_micro_batch_size=8",
-    "rollout.n=2", "data.max_response_length=4", "eval.every=0", "sft.steps=0", "checkpoint.save_every=0",
-    "checkpoint.save_final=false", "checkpoint.export_hf=false", "tensorboard=false", "plot=false",
-    "deterministic=true", "trainer.max_steps=1", "trainer.zero_stage=3",
-]
+FAST = [*ONE_STEP, "trainer.rollout_batch_size=8", "data.max_response_length=4", "trainer.zero_stage=3"]
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests._tiny_runs import fresh_dir, tiny_config
+from tests._tiny_runs import ONE_STEP, fresh_dir, tiny_config
 
-FAST = [
-    "data.synthetic.n_train=16", "data.synthetic.n_val=4", "trainer.rollout_batch_size=4",
-    "trainer.mini_batch_size=4", "trainer.micro_batch_size=4", "trainer.log_prob_micro_batch_size=8",
-    "rollout.n=2", "data.max_response_length=6", "eval.every=0", "sft.steps=0", "checkpoint.save_every=0",
-    "checkpoint.save_final=false", "checkpoint.export_hf=false", "tensorboard=false", "plot=false",
-    "deterministic=true", "optim.lr=1e-2", "trainer.max_steps=1",
-]
+FAST = [*ONE_STEP, "trainer.rollout_batch_size=4", "data.max_response_length=6", "optim.lr=1e-2"]
 # Qwen2.5-VL's released image processor (preprocessor_config.json) and the official data bounds
 QWEN_PROCESSOR = dict(min_pixels=3136, max_pixels=12845056)
 OFFICIAL_DATA = dict(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
