@@ -41,11 +41,12 @@ class PAPOConfig:
     estimator: str = "sampled"
     """"sampled": the official code bit for bit (k3 of the sampled token for KL_prcp, mean of
     -logp of sampled tokens as "entropy"). "exact": full-vocabulary KL_prcp and entropies
-    (same expected gradients without sampling noise, docs/algorithm.md "Two estimators")."""
+    (the expected gradients of the unclamped sampled terms, without sampling noise; the official k3
+    is clamped at 10, so its expected gradient differs: docs/algorithm.md "Two estimators")."""
 
     kl_prcp_direction: str = "masked_to_full"
     """exact only. "masked_to_full": KL(pi_masked || pi_theta), whose gradient (masked view
-    detached) is the expected gradient of the official sampled k3. "full_to_masked":
+    detached) is the expected gradient of the official sampled k3 without its clamp. "full_to_masked":
     KL(pi_theta || pi_masked), the paper's literal form; experimental with masked_view="live"."""
 
     masked_view: str = "rollout_no_grad"
