@@ -109,8 +109,8 @@ MUTATIONS = [
         "        self.engine.backward(loss * 2 if self.zero3 else loss, scale_wrt_gas=False)")],
       "tests/test_train_trainer.py::test_zero3_matches_zero0[False]"),
     M("reference-is-the-policy", "the reference model is the trained policy itself",
-      [("train/trainer.py", "self.ref_model, self.ref_sharded = build_reference(ref_dir, cfg, dtype=dtype, "
-        "device=self.device,\n                                                               world=self.world)",
+      [("train/trainer.py", "self.ref_model, self.ref_sharded = build_reference(ref_dir, cfg, "
+        "dtype=dtype, device=self.device,\n" + " " * 63 + "world=self.world)",
         "self.ref_model, self.ref_sharded = self.engine, False")],
       CONFIGS, "-k", "reference and fp32"),
     M("reference-in-fp32-under-bf16", "the reference model computes in fp32 while the policy runs bf16",
