@@ -28,6 +28,7 @@ import torch
 from benchmarks import _harness as H
 from benchmarks import providers as P
 from benchmarks.shapes import get_shape
+from benchmarks.step_report import render_section as render_step_section
 
 REFERENCE_PROVIDERS = ("torch:fused", "torch:stats", "eager")
 
@@ -495,16 +496,12 @@ def plot_section(section: dict, path: Path) -> bool:
 def render_document(doc: dict) -> str:
     """Every section of a results document: "loss*" sections (one per GPU session stage) with
     this module's renderer, "step*" sections with the step benchmark's."""
-    try:
-        from benchmarks.step import render_section as render_step
-    except Exception:  # noqa: BLE001 - the step benchmark may not import yet
-        render_step = None
     renderers = {}
     for key in doc:
         if key.startswith("loss"):
             renderers[key] = render_section
-        elif key.startswith("step") and render_step is not None:
-            renderers[key] = render_step
+        elif key.startswith("step"):
+            renderers[key] = render_step_section
     return H.render_document(doc, renderers)
 
 

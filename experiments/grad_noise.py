@@ -60,7 +60,7 @@ def _perception_gradient(trainer, samples, estimator: str) -> tuple[torch.Tensor
     """Flat gradient of the perception term alone over the batch, and its update-pass seconds."""
     from papo import PAPOConfig, PAPOLoss
     from train.batching import pack, plan_micro_batches
-    from train.trainer import _dev, pad_stack
+    from train.samples import pad_stack, to_device
 
     module = trainer.module
     # gamma 1 alone; advantages 0 zero the policy term; "global" makes it the batch's token mean
@@ -82,11 +82,11 @@ def _perception_gradient(trainer, samples, estimator: str) -> tuple[torch.Tensor
         T = batch.response_ids.shape[1]
         kw = dict(masked_view=ESTIMATORS[estimator]["masked_view"],
                   advantages=torch.zeros(len(members), device=device),
-                  old_logp=_dev(pad_stack([s.old_logp for s in members], T), device),
+                  old_logp=to_device(pad_stack([s.old_logp for s in members], T), device),
                   num_micro_batches=len(plan), num_valid_tokens=n_tokens,
                   num_valid_sequences=float(len(samples)))
         if estimator == "sampled":
-            kw["masked_logp"] = _dev(pad_stack([s.masked_logp for s in members], T), device)
+            kw["masked_logp"] = to_device(pad_stack([s.masked_logp for s in members], T), device)
         loss, _ = module(batch, mode="loss", **kw)
         loss.backward()
     seconds = time.perf_counter() - t0

@@ -1,28 +1,33 @@
 """The PAPO loss: `papo_loss` on per-token statistics and `PAPOLoss` from hidden states.
 
-Per completion token t of response i the loss to minimize is (docs/algorithm.md)
+Per completion token t of response i the loss to minimize is, term by term in the order the
+official code adds them (docs/algorithm.md, "The loss"):
 
-    l_t = PPOclip_dual(r_t, A_i) + beta KL_ref_t - gamma KL_prcp_t + eta_full H_t + eta_masked Hm_t
+    l_t =   PPOclip_dual(r_t, A_i)        the clipped policy surrogate
+          - gamma      KL_prcp_t          the implicit perception loss (maximized)
+          + eta_full   H_t                the double entropy regularizer, original image ...
+          + eta_masked Hm_t               ... and masked image
+          + beta       KL_ref_t           the reference KL, when a reference policy is used
 
-and every aggregation is a weighted sum  loss = sum_t w_t l_t  with weights fixed up front
-(`_token_weights`), which is what lets `PAPOLoss` hand the whole loss to the fused kernels as a
-per-chunk `loss_fn` without [tokens x vocab] logits. The entropy terms are token means whatever
-`loss_agg` says (the official code averages them with `masked_mean` however the policy loss is
-averaged), so they carry token-mean weights u_t:  loss = sum_t w_t l_t + sum_t u_t e_t. Both
-entry points share `_token_terms`, so PAPOLoss equals papo_loss applied to the dense statistics
-of the same logits.
+`_token_terms` below computes exactly these terms, in this order. Every aggregation is a weighted
+sum  loss = sum_t w_t l_t  with weights fixed up front (`_token_weights`), which is what lets
+`PAPOLoss` hand the whole loss to the fused kernels as a per-chunk `loss_fn` without
+[tokens x vocab] logits. The entropy terms are token means whatever `loss_agg` says (the official
+code averages them with `masked_mean` however the policy loss is averaged), so they carry
+token-mean weights u_t:  loss = sum_t w_t l_t + sum_t u_t e_t. Both entry points share
+`_token_terms`, so PAPOLoss equals papo_loss applied to the dense statistics of the same logits;
+their input checks live in papo/_validation.py.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from papo._validation import check_config, check_counts, check_module_inputs, check_papo_loss_inputs
 from papo.config import Coefficients, PAPOConfig
 from papo.estimators import clipped_policy_loss, kl_estimate, kl_k3
 
@@ -47,115 +52,7 @@ class LossOutput(NamedTuple):
     metrics: dict[str, Tensor]
 
 
-# ---------------------------------------------------------------------- shared pieces
-
-
-def _resolve_coefficients(config: PAPOConfig, coefficients: Any) -> Coefficients:
-    if coefficients is None:
-        return Coefficients(config.gamma, config.eta_full, config.eta_masked)
-    if isinstance(coefficients, Coefficients):
-        values = coefficients
-    elif isinstance(coefficients, Mapping):
-        missing = {"gamma", "eta_full", "eta_masked"} - set(coefficients)
-        if missing:
-            raise ValueError(f"coefficients is missing keys {sorted(missing)}")
-        values = Coefficients(coefficients["gamma"], coefficients["eta_full"], coefficients["eta_masked"])
-    elif isinstance(coefficients, tuple) and len(coefficients) == 3:
-        values = Coefficients(*coefficients)
-    else:
-        raise TypeError(
-            "coefficients must be None, a Coefficients (from config.coefficients(step, total_steps)),"
-            f" a (gamma, eta_full, eta_masked) tuple or a mapping, got {type(coefficients).__name__}"
-        )
-    for name, v in zip(values._fields, values):
-        # inf is refused too: inf * 0 on a term's zero tokens would make the whole loss NaN
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 0 and math.isfinite(v)):
-            raise ValueError(f"coefficients.{name} must be a finite real number >= 0, got {v!r}")
-    return values
-
-
-def _check_count(name: str, value: Any) -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        return  # may live on an accelerator after an all-reduce: not synced to check its sign
-    # 0 is allowed: a step without completion tokens gives loss 0 (the divisor is clamped to 1);
-    # inf is not: it would silently zero the loss
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number >= 0 (or a scalar tensor), got {value!r}")
-
-
-def _token_weights(
-    config: PAPOConfig,
-    seq_index: Tensor,
-    lengths: Tensor,
-    *,
-    num_valid_tokens: Any,
-    num_valid_sequences: Any,
-    num_micro_batches: Any,
-    agg: str | None = None,
-) -> Tensor:
-    """Per-token weights w with loss = sum_t w_t l_t, float64, shape like seq_index.
-
-    seq_index [n]: the sequence of each completion token; lengths [B]: completion tokens per
-    sequence. Sequences without completion tokens are not counted (padding rows of a packed
-    micro-batch must not dilute a sequence mean). `agg` overrides config.loss_agg (the entropy
-    terms always use "token-mean").
-    """
-    agg, scale = agg or config.loss_agg, config.loss_scale
-    token_level = agg == "token-mean"
-    if scale == "microbatch":
-        if num_micro_batches is None:
-            raise ValueError(
-                "num_micro_batches is required with loss_scale='microbatch' (the micro-batch loss "
-                "is divided by it, as the official gradient accumulation does); pass 1 for none"
-            )
-        if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, numbers.Integral) \
-                or num_micro_batches < 1:
-            raise ValueError(f"num_micro_batches must be an int >= 1, got {num_micro_batches!r}")
-    elif token_level:
-        if num_valid_tokens is None:
-            raise ValueError(
-                "num_valid_tokens is required with loss_scale='global' and loss_agg='token-mean' "
-                "or entropy terms (eta > 0), which are token means whatever loss_agg is "
-                "(the all-reduced completion-token count of the optimizer step)"
-            )
-        _check_count("num_valid_tokens", num_valid_tokens)
-    else:
-        if num_valid_sequences is None:
-            raise ValueError(
-                f"num_valid_sequences is required with loss_scale='global' and loss_agg={agg!r} "
-                "(the all-reduced number of sequences of the optimizer step)"
-            )
-        _check_count("num_valid_sequences", num_valid_sequences)
-
-    lengths = lengths.to(torch.float64)
-    if agg == "token-mean":
-        numer = torch.ones_like(seq_index, dtype=torch.float64)
-    elif agg == "seq-mean-token-mean":
-        numer = 1.0 / lengths[seq_index]
-    elif agg == "seq-mean-token-sum":
-        numer = torch.ones_like(seq_index, dtype=torch.float64)
-    else:  # seq-sum-norm (Dr.GRPO): constant divisor instead of each sequence's length
-        numer = torch.full_like(seq_index, 1.0 / config.seq_sum_norm_divisor, dtype=torch.float64)
-
-    if scale == "microbatch":
-        count = (lengths.sum() if token_level else (lengths > 0).sum().to(torch.float64))
-        # clamp: an all-masked micro-batch has no tokens to weight, and 0/0 would be NaN
-        return numer / (count.clamp(min=1.0) * num_micro_batches)
-    denom = num_valid_tokens if token_level else num_valid_sequences
-    if isinstance(denom, Tensor):
-        denom = denom.to(device=numer.device, dtype=torch.float64).reshape(()).clamp(min=1.0)
-    else:
-        denom = max(float(denom), 1.0)
-    return numer / denom
-
-
-def _required(config: PAPOConfig) -> dict[str, bool]:
-    """Which per-token inputs the configured loss needs (coefficient > 0 in the config)."""
-    need_masked = config.gamma > 0 or config.eta_masked > 0
-    return dict(masked=need_masked, ref=config.beta > 0)
+# ---------------------------------------------------------------------- the objective
 
 
 def _token_terms(
@@ -179,6 +76,7 @@ def _token_terms(
     kl_exact is the full-vocabulary KL_prcp: the loss term in the exact estimator (direction
     chosen by the caller), a monitor in the sampled one.
     """
+    # PPOclip_dual(r_t, A_i)
     if old_logp is None:  # on-policy: the rollout policy is the current one, ratio == 1
         old_logp = logp.detach()
     pg, info = clipped_policy_loss(
@@ -196,6 +94,7 @@ def _token_terms(
         "tokens/count": torch.ones_like(logp).detach(),
     }
 
+    # the values of KL_prcp_t, H_t and Hm_t under the configured estimator
     if config.estimator == "sampled":
         # official: KL_prcp = k3 on the sampled token against the masked view, "entropy" =
         # -logp of the sampled token in each view (docs/algorithm.md)
@@ -216,8 +115,10 @@ def _token_terms(
                 f"coefficients.{coef_name} = {coef} but its term cannot be computed: the config has "
                 f"{coef_name} = 0, so the inputs it needs were not required"
             )
+    # - gamma KL_prcp_t
     if coefs.gamma != 0:  # skip zero-weight terms: 0 * inf would poison the loss with NaN
         loss = loss - coefs.gamma * kl_prcp
+    # + eta_full H_t + eta_masked Hm_t
     # the entropy terms are token means: with loss_agg "token-mean" they share the other terms'
     # weights (and join `loss` in the official order); otherwise they get their own weights
     separate = config.loss_agg != "token-mean"
@@ -230,6 +131,7 @@ def _token_terms(
         entropy_loss = entropy_loss if coefs.eta_full != 0 or coefs.eta_masked != 0 else None
     else:
         loss, entropy_loss = entropy_loss, None
+    # + beta KL_ref_t
     if ref_logp is not None:
         ref_kl = kl_estimate(logp, ref_logp, config.ref_kl_estimator)
         if config.beta != 0:
@@ -247,6 +149,52 @@ def _token_terms(
     return loss, entropy_loss, metrics
 
 
+# ---------------------------------------------------------------------- aggregation
+
+
+def _token_weights(
+    config: PAPOConfig,
+    seq_index: Tensor,
+    lengths: Tensor,
+    *,
+    num_valid_tokens: Any,
+    num_valid_sequences: Any,
+    num_micro_batches: Any,
+    agg: str | None = None,
+) -> Tensor:
+    """Per-token weights w with loss = sum_t w_t l_t, float64, shape like seq_index.
+
+    seq_index [n]: the sequence of each completion token; lengths [B]: completion tokens per
+    sequence. Sequences without completion tokens are not counted (padding rows of a packed
+    micro-batch must not dilute a sequence mean). `agg` overrides config.loss_agg (the entropy
+    terms always use "token-mean").
+    """
+    check_counts(config, agg, num_valid_tokens=num_valid_tokens, num_valid_sequences=num_valid_sequences,
+                 num_micro_batches=num_micro_batches)
+    agg, scale = agg or config.loss_agg, config.loss_scale
+    token_level = agg == "token-mean"
+    lengths = lengths.to(torch.float64)
+    if agg == "token-mean":
+        numer = torch.ones_like(seq_index, dtype=torch.float64)
+    elif agg == "seq-mean-token-mean":
+        numer = 1.0 / lengths[seq_index]
+    elif agg == "seq-mean-token-sum":
+        numer = torch.ones_like(seq_index, dtype=torch.float64)
+    else:  # seq-sum-norm (Dr.GRPO): constant divisor instead of each sequence's length
+        numer = torch.full_like(seq_index, 1.0 / config.seq_sum_norm_divisor, dtype=torch.float64)
+
+    if scale == "microbatch":
+        count = (lengths.sum() if token_level else (lengths > 0).sum().to(torch.float64))
+        # clamp: an all-masked micro-batch has no tokens to weight, and 0/0 would be NaN
+        return numer / (count.clamp(min=1.0) * num_micro_batches)
+    denom = num_valid_tokens if token_level else num_valid_sequences
+    if isinstance(denom, Tensor):
+        denom = denom.to(device=numer.device, dtype=torch.float64).reshape(()).clamp(min=1.0)
+    else:
+        denom = max(float(denom), 1.0)
+    return numer / denom
+
+
 def _weighted_sum(loss: Tensor, weights: Tensor, entropy_loss: Tensor | None,
                   entropy_weights: Tensor | None) -> Tensor:
     """sum_t w_t l_t (+ sum_t u_t e_t when the entropy terms carry their own weights)."""
@@ -254,84 +202,6 @@ def _weighted_sum(loss: Tensor, weights: Tensor, entropy_loss: Tensor | None,
     if entropy_loss is not None:
         total = total + (entropy_weights * entropy_loss).sum()
     return total
-
-
-def _check_config(config: Any) -> PAPOConfig:
-    if not isinstance(config, PAPOConfig):
-        raise TypeError(f"config must be a papo.PAPOConfig, got {type(config).__name__}")
-    return config
-
-
-def _check_device(t: Tensor, name: str, device: torch.device, ref_name: str) -> None:
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {device}: they must match")
-
-
-def _check_mask(mask: Any, shape: torch.Size, name: str, device: torch.device, ref_name: str) -> Tensor:
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    _check_device(mask, name, device, ref_name)
-    if mask.dtype != torch.bool:
-        if mask.dtype.is_complex:
-            raise TypeError(f"{name} must be a bool or 0/1 numeric tensor, got {mask.dtype}")
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must contain only 0 and 1")
-        mask = mask != 0
-    return mask
-
-
-def _check_token_tensor(t: Any, name: str, shape: torch.Size, ref_name: str, device: torch.device,
-                        device_name: str) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    if t.shape != shape:
-        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(shape)}, got {tuple(t.shape)}")
-    _check_device(t, name, device, device_name)
-
-
-def _check_advantages(advantages: Any, shape: torch.Size, ref_name: str, device: torch.device,
-                      device_name: str) -> Tensor:
-    """Return advantages as [B, T] (a [B] tensor is broadcast over each sequence's tokens)."""
-    if not isinstance(advantages, Tensor):
-        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
-    if not advantages.dtype.is_floating_point:
-        raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
-    _check_device(advantages, "advantages", device, device_name)
-    if advantages.shape == shape[:1]:
-        return advantages.unsqueeze(-1).expand(shape)
-    if advantages.shape == shape:
-        return advantages
-    raise ValueError(
-        f"advantages must have shape [B] = {tuple(shape[:1])} or [B, T] = {tuple(shape)} "
-        f"(from {ref_name}), got {tuple(advantages.shape)}"
-    )
-
-
-def _raise_nonfinite_advantages(advantages: Tensor, bad: Tensor) -> None:
-    """ValueError naming the first completion token whose advantage is NaN/Inf (`bad` [B, T])."""
-    b, t = (int(i) for i in bad.nonzero()[0])
-    where = f"advantages[{b}]" if advantages.dim() == 1 else f"advantages[{b}, {t}]"
-    value = advantages[b] if advantages.dim() == 1 else advantages[b, t]
-    raise ValueError(f"advantages must be finite on completion tokens; {where} = {float(value)} "
-                     f"(completion token [{b}, {t}]): the loss would be NaN")
-
-
-def _check_missing(config: PAPOConfig, required: dict[str, bool], given: dict[str, Any],
-                   masked_hint: str) -> None:
-    if required["ref"] and given.get("ref_logp") is None:
-        raise ValueError(f"ref_logp is required when config.beta > 0 (beta={config.beta})")
-    if required["masked"] and given.get(masked_hint) is None:
-        raise ValueError(
-            f"{masked_hint} is required with estimator={config.estimator!r}, "
-            f"masked_view={config.masked_view!r}, gamma={config.gamma} and "
-            f"eta_masked={config.eta_masked}"
-        )
 
 
 # ---------------------------------------------------------------------- papo_loss
@@ -398,38 +268,10 @@ def papo_loss(
         official code does); NaN/Inf advantages there raise ValueError (they come from the
         rewards, so they are a bug, never a numerical accident).
     """
-    config = _check_config(config)
-    coefs = _resolve_coefficients(config, coefficients)
-    if not isinstance(logp, Tensor):
-        raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
-    if logp.dim() != 2 or not logp.dtype.is_floating_point:
-        raise ValueError(f"logp must be a floating [B, T] tensor, got {logp.dtype} {tuple(logp.shape)}")
+    config, coefs, adv, m = check_papo_loss_inputs(
+        logp, old_logp, advantages, mask, config=config, coefficients=coefficients, masked_logp=masked_logp,
+        entropy=entropy, masked_entropy=masked_entropy, kl_prcp=kl_prcp, ref_logp=ref_logp)
     shape = logp.shape
-    for name, t in (("old_logp", old_logp), ("masked_logp", masked_logp), ("entropy", entropy),
-                    ("masked_entropy", masked_entropy), ("kl_prcp", kl_prcp), ("ref_logp", ref_logp)):
-        _check_token_tensor(t, name, shape, "logp", logp.device, "logp")
-    adv = _check_advantages(advantages, shape, "logp", logp.device, "logp")
-    m = _check_mask(mask, shape, "mask", logp.device, "logp")
-    # Advantages come from rewards, never from the model: a NaN there is a bug upstream, not a
-    # numerical accident the trainer's non-finite-gradient skip is meant to absorb.
-    bad_adv = m & ~torch.isfinite(adv)
-    if bool(bad_adv.any()):
-        _raise_nonfinite_advantages(advantages, bad_adv)
-
-    required = _required(config)
-    given = dict(masked_logp=masked_logp, entropy=entropy, masked_entropy=masked_entropy,
-                 kl_prcp=kl_prcp, ref_logp=ref_logp)
-    if config.estimator == "sampled":
-        _check_missing(config, required, given, "masked_logp")
-    else:
-        _check_missing(config, dict(required, masked=False), given, "masked_logp")
-        for name, need in (("kl_prcp", config.gamma > 0), ("entropy", config.eta_full > 0),
-                           ("masked_entropy", config.eta_masked > 0)):
-            if need and given[name] is None:
-                raise ValueError(f"{name} is required with estimator='exact' "
-                                 f"(gamma={config.gamma}, eta_full={config.eta_full}, "
-                                 f"eta_masked={config.eta_masked})")
-
     # half-precision statistics are upcast, as the official compute_kl does with .float()
     dtype = torch.promote_types(logp.dtype, torch.float32)
 
@@ -487,7 +329,7 @@ class PAPOLoss(nn.Module):
     def __init__(self, config: PAPOConfig, *, backend: str = "auto", strategy: str = "auto",
                  chunk_tokens: int | None = None) -> None:
         super().__init__()
-        self.config = _check_config(config)
+        self.config = check_config(config)
         self.backend = backend
         self.strategy = strategy
         self.chunk_tokens = chunk_tokens
@@ -540,88 +382,14 @@ class PAPOLoss(nn.Module):
             tokens give a non-finite loss (see `papo_loss`); completion_ids outside [0, V) or
             non-finite advantages on completion tokens raise ValueError.
         """
+        # here, not at module top: light users of papo (the grading workers import papo.rewards)
+        # never pay for importing the kernels
         from papo_kernels import fused_token_loss, fused_two_view_loss
 
         config = self.config
-        coefs = _resolve_coefficients(config, coefficients)
-        for name, t in (("hidden", hidden), ("lm_head_weight", lm_head_weight),
-                        ("completion_ids", completion_ids)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if hidden.dim() != 3:
-            raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
-        if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
-            raise ValueError(f"lm_head_weight must be [V, H={hidden.shape[-1]}], got "
-                             f"{tuple(lm_head_weight.shape)}")
-        shape = hidden.shape[:2]
-        if completion_ids.shape != shape:
-            raise ValueError(f"completion_ids must have shape {tuple(shape)} (hidden.shape[:2]), "
-                             f"got {tuple(completion_ids.shape)}")
-        if completion_ids.dtype.is_floating_point or completion_ids.dtype.is_complex \
-                or completion_ids.dtype == torch.bool:
-            raise TypeError(f"completion_ids must be an integer tensor, got {completion_ids.dtype}")
-        if completion_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"completion_ids must be int64 or int32 token ids, got {completion_ids.dtype} "
-                            "(too narrow for a vocabulary index; convert with completion_ids.long())")
-        if lm_head_weight.dtype != hidden.dtype:
-            raise TypeError(f"lm_head_weight has dtype {lm_head_weight.dtype} but hidden has dtype "
-                            f"{hidden.dtype}: they must match")
-        _check_device(lm_head_weight, "lm_head_weight", hidden.device, "hidden")
-        _check_device(completion_ids, "completion_ids", hidden.device, "hidden")
-        m = _check_mask(completion_mask, shape, "completion_mask", hidden.device, "hidden")
-        adv = _check_advantages(advantages, shape, "hidden.shape[:2]", hidden.device, "hidden")
-        for name, t in (("old_logp", old_logp), ("masked_logp", masked_logp), ("ref_logp", ref_logp)):
-            _check_token_tensor(t, name, shape, "hidden.shape[:2]", hidden.device, "hidden")
-        if masked_hidden is not None:
-            if not isinstance(masked_hidden, Tensor):
-                raise TypeError(f"masked_hidden must be a torch.Tensor, got {type(masked_hidden).__name__}")
-            if masked_hidden.shape != hidden.shape:
-                raise ValueError(f"masked_hidden must have the shape of hidden {tuple(hidden.shape)}, "
-                                 f"got {tuple(masked_hidden.shape)}")
-            if masked_hidden.dtype != hidden.dtype:
-                raise TypeError(f"masked_hidden has dtype {masked_hidden.dtype} but hidden has dtype "
-                                f"{hidden.dtype}: they must match")
-            _check_device(masked_hidden, "masked_hidden", hidden.device, "hidden")
-        # Token ids outside the vocabulary would give NaN rows where the kernels skip their own
-        # range check (accelerators, to avoid a sync); checked here on completion tokens only, in
-        # the same host sync as the advantages, before the compaction below syncs anyway.
-        vocab = lm_head_weight.shape[0]
-        bad_ids = m & ((completion_ids < 0) | (completion_ids >= vocab))
-        bad_adv = m & ~torch.isfinite(adv)
-        any_bad_ids, any_bad_adv = torch.stack([bad_ids.any(), bad_adv.any()]).tolist()
-        if any_bad_ids:
-            b, t = (int(i) for i in bad_ids.nonzero()[0])
-            raise ValueError(f"completion_ids must be in [0, {vocab}) (lm_head_weight has V={vocab} rows) on "
-                             f"completion tokens; completion_ids[{b}, {t}] = {int(completion_ids[b, t])}")
-        if any_bad_adv:
-            _raise_nonfinite_advantages(advantages, bad_adv)
-
-        required = _required(config)
-        given = dict(masked_logp=masked_logp, masked_hidden=masked_hidden, ref_logp=ref_logp)
-        if config.masked_view == "rollout_no_grad":
-            if masked_hidden is not None:
-                raise ValueError(
-                    "masked_hidden is not used with masked_view='rollout_no_grad': pass the "
-                    "rollout-time masked log-probs as masked_logp (or choose masked_view="
-                    "'current_no_grad' / 'live')"
-                )
-            _check_missing(config, required, given, "masked_logp")
-        else:
-            if masked_logp is not None:
-                raise ValueError(
-                    f"masked_logp is not used with masked_view={config.masked_view!r}: the masked "
-                    "log-probs come from masked_hidden with the current weights"
-                )
-            _check_missing(config, required, given, "masked_hidden")
-            if masked_hidden is not None:
-                if config.masked_view == "current_no_grad":
-                    masked_hidden = masked_hidden.detach()
-                elif ((hidden.requires_grad or lm_head_weight.requires_grad)
-                      and not masked_hidden.requires_grad):
-                    raise ValueError(
-                        "masked_hidden must require grad with masked_view='live' (compute it with "
-                        "the policy in grad mode), or use masked_view='current_no_grad'"
-                    )
+        coefs, m, adv, masked_hidden = check_module_inputs(
+            config, coefficients, hidden, lm_head_weight, completion_ids, completion_mask, advantages,
+            old_logp=old_logp, masked_hidden=masked_hidden, masked_logp=masked_logp, ref_logp=ref_logp)
 
         # compact the completion tokens once: the kernels never see padding rows
         B, T, H = hidden.shape

@@ -1,7 +1,7 @@
 """Backend registry: which implementations of `forward_stats` / `backward_grads` exist here.
 
 A backend is the functions `forward_stats`, `backward_grads` and optionally `loss_rows` with
-the signatures of papo_kernels/reference.py. The
+the signatures of papo_kernels/reference.py (the call's options in one `KernelOptions`). The
 optional backends are imported lazily so that importing papo_kernels never fails on a machine
 without a GPU, without Triton or without the compiled extension. Only a missing optional piece
 makes a backend unavailable: an ImportError from inside our own modules is raised.
@@ -24,9 +24,9 @@ from typing import Callable
 
 import torch
 
+from papo_kernels._options import BACKENDS
 from papo_kernels._strategies import STRATEGIES  # noqa: F401  (re-exported: the public choices)
 
-BACKENDS = ("auto", "torch", "triton", "cpp")
 FORCE_ENV = "PAPO_KERNELS_BACKEND"
 
 

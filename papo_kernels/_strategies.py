@@ -4,8 +4,9 @@ A strategy selects how a backend that has several runs (docs/design.md "Executio
 "workspace" (chunk GEMMs into a bounded fp32 logit workspace, kept between the fused calls'
 phases) on Triton and cpp; "tiles" (no logit workspace: logit tiles consumed while in cache,
 recomputed for the gradient) on cpp; "auto" picks per backend and call. The torch backend has
-one strategy and accepts any valid name. "fused" (the in-register Triton kernels) was retired from the public choices: with
-gradients it measured 104x the GEMM floor on an H100 (benchmarks/GPU_NOTES.md), and an
+one strategy and accepts any valid name. "fused" (the in-register Triton kernels) was retired
+from the public choices: with gradients it measured 104x the GEMM floor on an H100
+(benchmarks/GPU_NOTES.md), and an
 in-register backward recomputes the logits, 8HV FLOPs against the 6HV floor, so it cannot get
 under 1.33x by construction.
 """

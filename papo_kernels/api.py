@@ -12,14 +12,13 @@ masked image; kl_ab = KL(pi_a || pi_b), kl_ba = KL(pi_b || pi_a).
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from papo_kernels._backends import BACKENDS, resolve_backend
-from papo_kernels._strategies import check_strategy
+from papo_kernels._backends import resolve_backend
+from papo_kernels._options import KernelOptions
 from papo_kernels.autograd import FusedLossFunction, FusedRun, token_stats_op, two_view_stats_op
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -51,28 +50,14 @@ def _is_compiling() -> bool:
     return bool(compiler is not None and compiler.is_compiling())
 
 
-def _validate(
-    hiddens: dict[str, Tensor],
-    weight: Tensor,
-    targets: Tensor,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-    strategy: str,
-    check_inputs: bool | None,
-    check_finite: bool,
-    chunk_tokens: int | None,
-    chunk_vocab: int | None,
-) -> None:
-    """Raise TypeError/ValueError naming the offending argument and what was expected."""
+def _validate(hiddens: dict[str, Tensor], weight: Tensor, targets: Tensor, options: KernelOptions) -> None:
+    """Raise TypeError/ValueError naming the offending argument and what was expected (the
+    options checked themselves when they were built)."""
     for name, t in (*hiddens.items(), ("weight", weight), ("targets", targets)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.layout != torch.strided:
             raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    check_strategy(strategy)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [V, H] (the lm_head weight), got shape {tuple(weight.shape)}")
     if weight.dtype not in _FLOAT_DTYPES:
@@ -117,19 +102,11 @@ def _validate(
         )
     if targets.device != weight.device:
         raise ValueError(f"targets is on {targets.device} but weight is on {weight.device}: they must match")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     if _is_compiling():
         # Value checks need a host sync, which would break the graph: inside torch.compile
         # check_inputs/check_finite are skipped and the kernels' NaN rule applies instead.
         return
+    check_inputs, ignore_index = options.check_inputs, options.ignore_index
     if check_inputs is None:
         check_inputs = targets.device.type == "cpu"
     if check_inputs:
@@ -140,7 +117,7 @@ def _validate(
                 f"targets must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
                 f"targets{list(idx)} = {int(targets[idx])}"
             )
-    if check_finite:
+    if options.check_finite:
         for name, t in (*hiddens.items(), ("weight", weight)):
             finite = torch.isfinite(t).all(dim=-1)
             if not bool(finite.all()):
@@ -203,12 +180,11 @@ def token_stats(
         inputs). Differentiable w.r.t. hidden and weight; backward recomputes logit tiles.
         A torch custom op: works under torch.compile.
     """
-    _validate({"hidden": hidden}, weight, targets, temperature, ignore_index, backend, strategy,
-              check_inputs, check_finite, chunk_tokens, chunk_vocab)
-    logp, entropy, _ = token_stats_op(
-        _flat(hidden, True), weight, _flat(targets, False), float(temperature), ignore_index,
-        backend, strategy, chunk_tokens or 0, chunk_vocab or 0,
-    )
+    options = KernelOptions(temperature=temperature, ignore_index=ignore_index, backend=backend,
+                            strategy=strategy, check_inputs=check_inputs, check_finite=check_finite,
+                            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    _validate({"hidden": hidden}, weight, targets, options)
+    logp, entropy, _ = token_stats_op(_flat(hidden, True), weight, _flat(targets, False), *options.op_args())
     shape = targets.shape
     return TokenStats(logp.reshape(shape), entropy.reshape(shape))
 
@@ -244,12 +220,12 @@ def two_view_stats(
         targets, float32 (float64 for float64 inputs); kl_ab = KL(pi_a || pi_b) over the full
         vocabulary. A torch custom op: works under torch.compile.
     """
-    _validate({"hidden_a": hidden_a, "hidden_b": hidden_b}, weight, targets, temperature,
-              ignore_index, backend, strategy, check_inputs, check_finite, chunk_tokens, chunk_vocab)
-    outs = two_view_stats_op(
-        _flat(hidden_a, True), _flat(hidden_b, True), weight, _flat(targets, False),
-        float(temperature), ignore_index, backend, strategy, chunk_tokens or 0, chunk_vocab or 0,
-    )
+    options = KernelOptions(temperature=temperature, ignore_index=ignore_index, backend=backend,
+                            strategy=strategy, check_inputs=check_inputs, check_finite=check_finite,
+                            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    _validate({"hidden_a": hidden_a, "hidden_b": hidden_b}, weight, targets, options)
+    outs = two_view_stats_op(_flat(hidden_a, True), _flat(hidden_b, True), weight, _flat(targets, False),
+                             *options.op_args())
     shape = targets.shape
     return TwoViewStats(*(o.reshape(shape) for o in outs[:6]))
 
@@ -257,23 +233,18 @@ def two_view_stats(
 # ---------------------------------------------------------------- fused calls
 
 
-def _fused(hiddens, weight, targets, loss_fn, stats_type, temperature, ignore_index, backend,
-           strategy, check_inputs, check_finite, chunk_tokens, chunk_vocab):
+def _check_loss_fn(loss_fn) -> None:
+    """The fused calls (and vocab_parallel's) check loss_fn first, before building their options."""
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable (stats, index) -> (loss, metrics), "
                         f"got {type(loss_fn).__name__}")
-    _validate(hiddens, weight, targets, temperature, ignore_index, backend, strategy, check_inputs,
-              check_finite, chunk_tokens, chunk_vocab)
+
+
+def _fused(hiddens, weight, targets, loss_fn, stats_type, options: KernelOptions):
+    _validate(hiddens, weight, targets, options)
     views = [_flat(h, True) for h in hiddens.values()]
     hidden_a, hidden_b = views[0], (views[1] if len(views) > 1 else None)
-    run = FusedRun(
-        resolve_backend(backend, weight.device),
-        loss_fn,
-        stats_type,
-        dict(temperature=float(temperature), ignore_index=ignore_index, strategy=strategy,
-             chunk_vocab=chunk_vocab),
-        chunk_tokens,
-    )
+    run = FusedRun(resolve_backend(options.backend, weight.device), loss_fn, stats_type, options)
     targets = _flat(targets, False)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*views, weight)):
         loss = FusedLossFunction.apply(hidden_a, hidden_b, weight, targets, run)
@@ -315,8 +286,11 @@ def fused_token_loss(
         weight (backward only scales the stored gradients); metrics sums each key over chunks
         (detached). If nothing requires grad the gradient sweep is skipped.
     """
-    return _fused({"hidden": hidden}, weight, targets, loss_fn, TokenStats, temperature,
-                  ignore_index, backend, strategy, check_inputs, check_finite, chunk_tokens, chunk_vocab)
+    _check_loss_fn(loss_fn)
+    options = KernelOptions(temperature=temperature, ignore_index=ignore_index, backend=backend,
+                            strategy=strategy, check_inputs=check_inputs, check_finite=check_finite,
+                            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    return _fused({"hidden": hidden}, weight, targets, loss_fn, TokenStats, options)
 
 
 def fused_two_view_loss(
@@ -348,9 +322,12 @@ def fused_two_view_loss(
     Returns:
         (loss, metrics) as in `fused_token_loss`.
     """
-    return _fused({"hidden_a": hidden_a, "hidden_b": hidden_b}, weight, targets, loss_fn,
-                  TwoViewStats, temperature, ignore_index, backend, strategy, check_inputs,
-                  check_finite, chunk_tokens, chunk_vocab)
+    _check_loss_fn(loss_fn)
+    options = KernelOptions(temperature=temperature, ignore_index=ignore_index, backend=backend,
+                            strategy=strategy, check_inputs=check_inputs, check_finite=check_finite,
+                            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    return _fused({"hidden_a": hidden_a, "hidden_b": hidden_b}, weight, targets, loss_fn, TwoViewStats,
+                  options)
 
 
 for _fn in (token_stats, two_view_stats, fused_token_loss, fused_two_view_loss):

@@ -4,7 +4,9 @@ Orchestration only; the math lives in the backends (reference.py, kernels/, exte
 
 - `papo_kernels::token_stats` / `papo_kernels::two_view_stats` are torch.library custom ops
   with fake implementations and registered autograd (backward recomputes logit tiles through
-  the `*_backward` ops), so functions calling them compile under torch.compile.
+  the `*_backward` ops), so functions calling them compile under torch.compile. An op's schema
+  takes tensors and scalars only: the caller passes `KernelOptions.op_args()`, and the op
+  rebuilds the options for the backend.
 - `FusedLossFunction` runs phase 1, the user's loss_fn and phase 2 chunk by chunk in the
   forward and keeps only dh and the fp32 dW accumulator until backward (eager-only: it takes
   a Python callable).
@@ -18,17 +20,8 @@ import torch
 from torch import Tensor
 
 from papo_kernels._backends import resolve_backend
+from papo_kernels._options import KernelOptions
 from papo_kernels.reference import RowGrads, RowStats, compute_dtype
-
-
-def _backend_kwargs(temperature, ignore_index, strategy, chunk_tokens, chunk_vocab):
-    return dict(
-        temperature=temperature,
-        ignore_index=ignore_index,
-        strategy=strategy,
-        chunk_tokens=chunk_tokens or None,
-        chunk_vocab=chunk_vocab or None,
-    )
 
 
 def _empty_stats(hidden: Tensor, count: int) -> tuple[Tensor, ...]:
@@ -58,11 +51,9 @@ def token_stats_op(
     chunk_vocab: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, entropy, lse), each [N]; chunk sizes 0 mean the backend's defaults."""
-    be = resolve_backend(backend, hidden.device)
-    s = be.forward_stats(
-        hidden, None, weight, targets,
-        **_backend_kwargs(temperature, ignore_index, strategy, chunk_tokens, chunk_vocab),
-    )
+    options = KernelOptions.from_op_args(temperature, ignore_index, backend, strategy, chunk_tokens,
+                                         chunk_vocab)
+    s = resolve_backend(backend, hidden.device).forward_stats(hidden, None, weight, targets, options)
     return s.logp_a, s.entropy_a, s.lse_a
 
 
@@ -91,15 +82,17 @@ def token_stats_backward_op(
     need_weight: bool,
 ) -> tuple[Tensor, Tensor]:
     """(d hidden, d weight); an input that needs no gradient gets an empty tensor."""
+    options = KernelOptions.from_op_args(temperature, ignore_index, backend, strategy, chunk_tokens,
+                                         chunk_vocab)
     be = resolve_backend(backend, hidden.device)
     dw_acc = _weight_acc(weight, hidden, need_weight)
     dh, _ = be.backward_grads(
         hidden, None, weight, targets,
         RowStats(logp, entropy, lse),
         RowGrads(logp_a=grad_logp, entropy_a=grad_entropy),
+        options,
         need_hidden_a=need_hidden,
         weight_grad_acc=dw_acc,
-        **_backend_kwargs(temperature, ignore_index, strategy, chunk_tokens, chunk_vocab),
     )
     dh = dh if need_hidden else hidden.new_empty(0)
     dw = dw_acc.to(weight.dtype) if need_weight else weight.new_empty(0)
@@ -155,11 +148,9 @@ def two_view_stats_op(
     chunk_vocab: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(logp_a, logp_b, entropy_a, entropy_b, kl_ab, kl_ba, lse_a, lse_b), each [N]."""
-    be = resolve_backend(backend, hidden_a.device)
-    s = be.forward_stats(
-        hidden_a, hidden_b, weight, targets,
-        **_backend_kwargs(temperature, ignore_index, strategy, chunk_tokens, chunk_vocab),
-    )
+    options = KernelOptions.from_op_args(temperature, ignore_index, backend, strategy, chunk_tokens,
+                                         chunk_vocab)
+    s = resolve_backend(backend, hidden_a.device).forward_stats(hidden_a, hidden_b, weight, targets, options)
     return s.logp_a, s.logp_b, s.entropy_a, s.entropy_b, s.kl_ab, s.kl_ba, s.lse_a, s.lse_b
 
 
@@ -201,17 +192,19 @@ def two_view_stats_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(d hidden_a, d hidden_b, d weight). A hidden_b that needs no gradient is a constant
     view: no gradient reaches weight through it."""
+    options = KernelOptions.from_op_args(temperature, ignore_index, backend, strategy, chunk_tokens,
+                                         chunk_vocab)
     be = resolve_backend(backend, hidden_a.device)
     dw_acc = _weight_acc(weight, hidden_a, need_weight)
     dh_a, dh_b = be.backward_grads(
         hidden_a, hidden_b, weight, targets,
         RowStats(logp_a, entropy_a, lse_a, logp_b, entropy_b, lse_b, kl_ab, kl_ba),
         RowGrads(grad_logp_a, grad_entropy_a, grad_logp_b, grad_entropy_b, grad_kl_ab, grad_kl_ba),
+        options,
         need_hidden_a=need_hidden_a,
         need_hidden_b=need_hidden_b,
         weight_grad_acc=dw_acc,
         hidden_b_is_constant=not need_hidden_b,
-        **_backend_kwargs(temperature, ignore_index, strategy, chunk_tokens, chunk_vocab),
     )
     dh_a = dh_a if need_hidden_a else hidden_a.new_empty(0)
     dh_b = dh_b if need_hidden_b else hidden_b.new_empty(0)
@@ -272,12 +265,11 @@ def _check_loss_fn_result(result, r0: int, r1: int):
 class FusedRun:
     """One fused-loss call: backend, options and the user's loss_fn, executed chunk by chunk."""
 
-    def __init__(self, backend, loss_fn: Callable, stats_type, opts: dict, chunk_tokens: int | None):
+    def __init__(self, backend, loss_fn: Callable, stats_type, options: KernelOptions):
         self.backend = backend
         self.loss_fn = loss_fn
         self.stats_type = stats_type  # TokenStats or TwoViewStats (public named tuples)
-        self.opts = opts  # temperature, ignore_index, strategy, chunk_vocab
-        self.chunk_tokens = chunk_tokens  # None: the backend's default
+        self.options = options
         self.metrics: dict = {}
 
     def _public_stats(self, s: RowStats, leaves: bool):
@@ -326,9 +318,8 @@ class FusedRun:
             return self._row_grads(public, torch.autograd.grad(loss, list(public), allow_unused=True))
 
         self.backend.loss_rows(
-            hidden_a, hidden_b, weight, targets, on_chunk,
+            hidden_a, hidden_b, weight, targets, on_chunk, self.options,
             dh_a=dh_a, dh_b=dh_b, weight_grad_acc=dw_acc, hidden_b_is_constant=not need_b,
-            chunk_tokens=self.chunk_tokens, **self.opts,
         )
         loss = total[0] if len(total) == 1 else torch.stack(total).sum()
         # dW stays in the fp32 accumulator until backward scales it (docs/design.md,

@@ -38,6 +38,7 @@ import re
 import torch
 
 from papo_kernels import reference
+from papo_kernels._options import DEFAULT_OPTIONS, KernelOptions
 from papo_kernels._strategies import check_strategy
 from papo_kernels.reference import RowGrads, RowStats
 
@@ -114,6 +115,11 @@ def _strategy(strategy: str, auto: str) -> str:
     return auto if check_strategy(strategy) == "auto" else strategy
 
 
+def _scalars(options: KernelOptions) -> tuple[float, int, int | None, int | None]:
+    """(temperature, ignore_index, chunk_tokens, chunk_vocab): what the compiled ops take."""
+    return options.temperature, options.ignore_index, options.chunk_tokens, options.chunk_vocab
+
+
 def _workspace_bytes() -> int:
     value = os.environ.get("PAPO_CPU_WORKSPACE_MB", str(DEFAULT_WORKSPACE_MB))
     try:
@@ -159,19 +165,13 @@ def forward_stats(
     hidden_b: torch.Tensor | None,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    chunk_tokens: int | None = None,
-    chunk_vocab: int | None = None,
-    strategy: str = "auto",
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> RowStats:
     """Phase 1 over all rows: hidden_* [N, H], weight [V, H], targets [N] -> RowStats ([N] each)."""
-    strategy = _strategy(strategy, "tiles")
+    strategy = _strategy(options.strategy, "tiles")
     if hidden_a.dtype == torch.float64:
-        return reference.forward_stats(hidden_a, hidden_b, weight, targets, temperature=temperature,
-                                       ignore_index=ignore_index, chunk_tokens=chunk_tokens,
-                                       chunk_vocab=chunk_vocab)
+        return reference.forward_stats(hidden_a, hidden_b, weight, targets, options)
+    temperature, ignore_index, chunk_tokens, chunk_vocab = _scalars(options)
     views = 1 if hidden_b is None else 2
     rows = chunk_rows(strategy, hidden_a.shape[0], hidden_a.shape[1], weight.shape[0], views, chunk_tokens)
     outs = _ops.forward_stats(hidden_a, hidden_b, weight, targets, float(temperature), int(ignore_index),
@@ -194,27 +194,23 @@ def backward_grads(
     targets: torch.Tensor,
     stats: RowStats,
     grads: RowGrads,
+    options: KernelOptions = DEFAULT_OPTIONS,
     *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
     need_hidden_a: bool = True,
     need_hidden_b: bool = False,
     weight_grad_acc: torch.Tensor | None = None,
     hidden_b_is_constant: bool = True,
-    chunk_tokens: int | None = None,
-    chunk_vocab: int | None = None,
-    strategy: str = "auto",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Phase 2: returns (dh_a, dh_b) in the hidden dtype (None where not needed) and adds dW into
     `weight_grad_acc` ([V, H]) when given. `hidden_b_is_constant`: no dW flows through view b."""
-    strategy = _strategy(strategy, "tiles")
+    strategy = _strategy(options.strategy, "tiles")
     if hidden_a.dtype == torch.float64:
         return reference.backward_grads(
-            hidden_a, hidden_b, weight, targets, stats, grads, temperature=temperature,
-            ignore_index=ignore_index, need_hidden_a=need_hidden_a, need_hidden_b=need_hidden_b,
-            weight_grad_acc=weight_grad_acc, hidden_b_is_constant=hidden_b_is_constant,
-            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab,
+            hidden_a, hidden_b, weight, targets, stats, grads, options, need_hidden_a=need_hidden_a,
+            need_hidden_b=need_hidden_b, weight_grad_acc=weight_grad_acc,
+            hidden_b_is_constant=hidden_b_is_constant,
         )
+    temperature, ignore_index, chunk_tokens, chunk_vocab = _scalars(options)
     two = hidden_b is not None
     dh_a = torch.empty(hidden_a.shape, dtype=hidden_a.dtype) if need_hidden_a else None
     dh_b = torch.empty(hidden_b.shape, dtype=hidden_b.dtype) if (two and need_hidden_b) else None
@@ -242,16 +238,12 @@ def loss_rows(
     weight: torch.Tensor,
     targets: torch.Tensor,
     on_chunk,
+    options: KernelOptions = DEFAULT_OPTIONS,
     *,
     dh_a: torch.Tensor | None,
     dh_b: torch.Tensor | None,
     weight_grad_acc: torch.Tensor | None,
     hidden_b_is_constant: bool = True,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    chunk_tokens: int | None = None,
-    chunk_vocab: int | None = None,
-    strategy: str = "auto",
 ) -> None:
     """The fused calls' gradient-in-forward loop (reference.run_loss_rows' contract).
 
@@ -259,7 +251,8 @@ def loss_rows(
     caller's `on_chunk` (upstream gradients) and `chunk_backward` (dZ in place, dh and dW GEMMs):
     one logit GEMM per chunk. The tiles strategy, float64 inputs and N = 0 use the generic loop.
     """
-    strategy = _strategy(strategy, "workspace")
+    strategy = _strategy(options.strategy, "workspace")
+    temperature, ignore_index, chunk_tokens, chunk_vocab = _scalars(options)
     n, vocab = hidden_a.shape[0], weight.shape[0]
     acc_ok = weight_grad_acc is None or (
         weight_grad_acc.dtype == torch.float32 and weight_grad_acc.is_contiguous()
@@ -267,9 +260,8 @@ def loss_rows(
     if strategy != "workspace" or hidden_a.dtype == torch.float64 or n == 0 or not acc_ok:
         reference.run_loss_rows(
             forward_stats, backward_grads, hidden_a, hidden_b, weight, targets, on_chunk,
-            dh_a=dh_a, dh_b=dh_b, weight_grad_acc=weight_grad_acc, hidden_b_is_constant=hidden_b_is_constant,
-            chunk_tokens=chunk_tokens, temperature=temperature, ignore_index=ignore_index,
-            chunk_vocab=chunk_vocab, strategy=strategy,
+            options.replace(strategy=strategy), dh_a=dh_a, dh_b=dh_b, weight_grad_acc=weight_grad_acc,
+            hidden_b_is_constant=hidden_b_is_constant,
         )
         return
     two = hidden_b is not None

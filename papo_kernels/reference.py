@@ -23,8 +23,10 @@ dW GEMMs, as the Triton workspace strategy does.
 This module is also the backend interface: a backend provides `forward_stats`,
 `backward_grads` and `loss_rows` (the gradient-in-forward loop of the fused calls, which a
 backend may specialize, e.g. to reuse its logit workspace between the two phases) with these
-signatures (papo_kernels/_backends.py dispatches). The torch
-backend has a single execution strategy and accepts any `strategy` value.
+signatures (papo_kernels/_backends.py dispatches). The call's options (temperature,
+ignore_index, strategy, chunk sizes) arrive as one checked `KernelOptions` (_options.py); the
+keyword arguments are what differs between calls of one run (which gradients are needed, where
+they go). The torch backend has a single execution strategy and accepts any `strategy` value.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import NamedTuple
 import torch
 
 from papo_kernels import _gemm
+from papo_kernels._options import DEFAULT_OPTIONS, KernelOptions
 
 DEFAULT_CHUNK_TOKENS = 1024
 DEFAULT_CHUNK_VOCAB = 8192
@@ -183,16 +186,12 @@ def forward_stats(
     hidden_b: torch.Tensor | None,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    chunk_tokens: int | None = None,
-    chunk_vocab: int | None = None,
-    strategy: str = "auto",
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> RowStats:
     """Phase 1 over all rows: hidden_* [N, H], weight [V, H], targets [N] -> RowStats ([N] each)."""
-    chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
-    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    chunk_tokens = options.chunk_tokens or DEFAULT_CHUNK_TOKENS
+    chunk_vocab = options.chunk_vocab or DEFAULT_CHUNK_VOCAB
+    temperature, ignore_index = options.temperature, options.ignore_index
     acc = compute_dtype(hidden_a.dtype)
     n, vocab = hidden_a.shape[0], weight.shape[0]
     valid, bad = row_masks(targets, vocab, ignore_index)
@@ -233,24 +232,21 @@ def backward_grads(
     targets: torch.Tensor,
     stats: RowStats,
     grads: RowGrads,
+    options: KernelOptions = DEFAULT_OPTIONS,
     *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
     need_hidden_a: bool = True,
     need_hidden_b: bool = False,
     weight_grad_acc: torch.Tensor | None = None,
     hidden_b_is_constant: bool = True,
-    chunk_tokens: int | None = None,
-    chunk_vocab: int | None = None,
-    strategy: str = "auto",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Phase 2: returns (dh_a, dh_b) in the hidden dtype (None where not needed) and adds dW
     into `weight_grad_acc` ([V, H], compute dtype) when given.
 
     `hidden_b_is_constant`: view b is a detached distribution, so no dW flows through it.
     """
-    chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
-    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    chunk_tokens = options.chunk_tokens or DEFAULT_CHUNK_TOKENS
+    chunk_vocab = options.chunk_vocab or DEFAULT_CHUNK_VOCAB
+    temperature, ignore_index = options.temperature, options.ignore_index
     acc = compute_dtype(hidden_a.dtype)
     n, vocab = hidden_a.shape[0], weight.shape[0]
     two_view = hidden_b is not None
@@ -344,36 +340,38 @@ def run_loss_rows(
     weight: torch.Tensor,
     targets: torch.Tensor,
     on_chunk,
+    options: KernelOptions = DEFAULT_OPTIONS,
     *,
     dh_a: torch.Tensor | None,
     dh_b: torch.Tensor | None,
     weight_grad_acc: torch.Tensor | None,
     hidden_b_is_constant: bool = True,
-    chunk_tokens: int | None = None,
-    **opts,
 ) -> None:
     """Gradient in forward, chunk by chunk, from any backend's phase-1 and phase-2 functions.
 
-    For each chunk of rows [r0, r1): stats = phase 1, then `on_chunk(r0, r1, stats)` returns
-    the upstream RowGrads (or None: no gradient for this chunk), then phase 2 writes
-    dh_a[r0:r1] / dh_b[r0:r1] (preallocated [N, H] or None) and adds into weight_grad_acc.
-    N = 0 still calls on_chunk once, on empty statistics.
+    For each chunk of rows [r0, r1) (`options.chunk_tokens` rows): stats = phase 1, then
+    `on_chunk(r0, r1, stats)` returns the upstream RowGrads (or None: no gradient for this
+    chunk), then phase 2 writes dh_a[r0:r1] / dh_b[r0:r1] (preallocated [N, H] or None) and adds
+    into weight_grad_acc. N = 0 still calls on_chunk once, on empty statistics.
     """
     n = hidden_a.shape[0]
-    chunk = chunk_tokens or DEFAULT_CHUNK_TOKENS
+    chunk = options.chunk_tokens or DEFAULT_CHUNK_TOKENS
+    # chunk_tokens sizes this loop's chunks (what loss_fn sees); within a chunk each phase splits
+    # its rows as the backend does by default.
+    opts = options.replace(chunk_tokens=None)
     bounds = [(r0, min(r0 + chunk, n)) for r0 in range(0, n, chunk)] or [(0, 0)]
     need_a, need_b = dh_a is not None, dh_b is not None
     for r0, r1 in bounds:
         h_a = hidden_a[r0:r1]
         h_b = None if hidden_b is None else hidden_b[r0:r1]
         t = targets[r0:r1]
-        stats = forward_stats_fn(h_a, h_b, weight, t, **opts)
+        stats = forward_stats_fn(h_a, h_b, weight, t, opts)
         grads = on_chunk(r0, r1, stats)
         if grads is None or not (need_a or need_b or weight_grad_acc is not None):
             continue
         ca, cb = backward_grads_fn(
-            h_a, h_b, weight, t, stats, grads, need_hidden_a=need_a, need_hidden_b=need_b,
-            weight_grad_acc=weight_grad_acc, hidden_b_is_constant=hidden_b_is_constant, **opts,
+            h_a, h_b, weight, t, stats, grads, opts, need_hidden_a=need_a, need_hidden_b=need_b,
+            weight_grad_acc=weight_grad_acc, hidden_b_is_constant=hidden_b_is_constant,
         )
         if need_a:
             dh_a[r0:r1] = ca
@@ -381,6 +379,8 @@ def run_loss_rows(
             dh_b[r0:r1] = cb
 
 
-def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, **kwargs) -> None:
+def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, options: KernelOptions = DEFAULT_OPTIONS,
+              **kwargs) -> None:
     """The torch backend's gradient-in-forward loop (see `run_loss_rows`)."""
-    run_loss_rows(forward_stats, backward_grads, hidden_a, hidden_b, weight, targets, on_chunk, **kwargs)
+    run_loss_rows(forward_stats, backward_grads, hidden_a, hidden_b, weight, targets, on_chunk, options,
+                  **kwargs)

@@ -43,7 +43,8 @@ import torch
 from torch import Tensor
 
 from papo_kernels._backends import resolve_backend
-from papo_kernels.api import TokenStats, TwoViewStats, _validate
+from papo_kernels._options import KernelOptions
+from papo_kernels.api import TokenStats, TwoViewStats, _check_loss_fn, _validate
 from papo_kernels.autograd import FusedLossFunction, _check_loss_fn_result
 from papo_kernels.reference import DEFAULT_CHUNK_TOKENS, RowGrads, RowStats, compute_dtype
 
@@ -144,20 +145,16 @@ def _combine(local: RowStats, owned: Tensor, valid: Tensor, layout: _Layout) -> 
 class _Shard:
     """One vocabulary-parallel call: backend, options, layout; forward and gradient sweeps."""
 
-    def __init__(self, weight_shard, targets, process_group, vocab_start, temperature, ignore_index,
-                 backend, strategy, chunk_tokens, chunk_vocab):
+    def __init__(self, weight_shard, targets, process_group, vocab_start, options: KernelOptions):
         self.layout = _Layout(weight_shard, process_group, vocab_start)
-        self.backend = resolve_backend(backend, weight_shard.device)
-        self.ignore_index = ignore_index
-        self.temperature = temperature
-        self.opts = dict(temperature=temperature, ignore_index=ignore_index, strategy=strategy,
-                         chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
-        self.local_targets, self.owned = _local_targets(targets, self.layout, ignore_index)
-        self.valid = targets != ignore_index
+        self.backend = resolve_backend(options.backend, weight_shard.device)
+        self.options = options
+        self.local_targets, self.owned = _local_targets(targets, self.layout, options.ignore_index)
+        self.valid = targets != options.ignore_index
 
     def forward(self, h_a, h_b, weight, rows: slice) -> RowStats:
         local = self.backend.forward_stats(h_a[rows], None if h_b is None else h_b[rows], weight,
-                                           self.local_targets[rows], **self.opts)
+                                           self.local_targets[rows], self.options)
         return _combine(local, self.owned[rows], self.valid[rows], self.layout)
 
     def backward(self, h_a, h_b, weight, rows: slice, stats: RowStats, grads: RowGrads,
@@ -166,9 +163,9 @@ class _Shard:
         ha = h_a[rows]
         hb = None if h_b is None else h_b[rows]
         dh_a, dh_b = self.backend.backward_grads(
-            ha, hb, weight, self.local_targets[rows], stats, grads,
+            ha, hb, weight, self.local_targets[rows], stats, grads, self.options,
             need_hidden_a=need_a, need_hidden_b=need_b, weight_grad_acc=dw_acc,
-            hidden_b_is_constant=not need_b, **self.opts,
+            hidden_b_is_constant=not need_b,
         )
         # Remove the placeholder one-hot: the backend added g_logp at local column 0 of rows whose
         # target is on another shard; the true one-hot lives on the owner's shard.
@@ -177,7 +174,7 @@ class _Shard:
             if g is None or h is None:
                 continue
             coef = torch.where(placeholder, g.to(compute_dtype(h.dtype)), torch.zeros((), dtype=compute_dtype(
-                h.dtype), device=h.device)) / self.temperature
+                h.dtype), device=h.device)) / self.options.temperature
             if dh is not None:
                 dh.sub_((coef[:, None] * weight[0].to(coef.dtype)).to(dh.dtype))
             if dw_acc is not None and (view == 0 or need_b):
@@ -227,17 +224,15 @@ class _StatsFunction(torch.autograd.Function):
                 dw_acc.to(weight.dtype) if need_w else None, None)
 
 
-def _check(hiddens, weight_shard, targets, temperature, ignore_index, backend, strategy, check_inputs,
-           check_finite, chunk_tokens, chunk_vocab, process_group, vocab_start) -> _Shard:
+def _check(hiddens, weight_shard, targets, options: KernelOptions, process_group, vocab_start) -> _Shard:
     # Shape/dtype/device rules of the ordinary calls; the target range is checked against the
     # full vocabulary below, so the local check is off.
-    _validate(hiddens, weight_shard, targets, temperature, ignore_index, backend, strategy, False,
-              check_finite, chunk_tokens, chunk_vocab)
+    _validate(hiddens, weight_shard, targets, options.replace(check_inputs=False))
     if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)):
         raise TypeError(f"vocab_start must be an int or None, got {type(vocab_start).__name__}")
     flat_targets = targets.reshape(-1)
-    shard = _Shard(weight_shard, flat_targets, process_group, vocab_start, float(temperature),
-                   ignore_index, backend, strategy, chunk_tokens, chunk_vocab)
+    shard = _Shard(weight_shard, flat_targets, process_group, vocab_start, options)
+    check_inputs, ignore_index = options.check_inputs, options.ignore_index
     if check_inputs is None:
         check_inputs = targets.device.type == "cpu"
     if check_inputs:
@@ -273,9 +268,10 @@ def token_stats(hidden: Tensor, weight_shard: Tensor, targets: Tensor, *, proces
     targets; backward gives the summed dh (identical on every rank) and this shard's dW.
     {args}
     """
-    shard = _check({"hidden": hidden}, weight_shard, targets, temperature, ignore_index, backend,
-                   strategy, check_inputs, check_finite, chunk_tokens, chunk_vocab, process_group,
-                   vocab_start)
+    options = KernelOptions(temperature=temperature, ignore_index=ignore_index, backend=backend,
+                            strategy=strategy, check_inputs=check_inputs, check_finite=check_finite,
+                            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    shard = _check({"hidden": hidden}, weight_shard, targets, options, process_group, vocab_start)
     h = hidden.reshape(-1, hidden.shape[-1])
     logp, entropy = _StatsFunction.apply(h, None, weight_shard, shard)
     return TokenStats(logp.reshape(targets.shape), entropy.reshape(targets.shape))
@@ -293,9 +289,11 @@ def two_view_stats(hidden_a: Tensor, hidden_b: Tensor, weight_shard: Tensor, tar
     through it), as in the unsharded call.
     {args}
     """
-    shard = _check({"hidden_a": hidden_a, "hidden_b": hidden_b}, weight_shard, targets, temperature,
-                   ignore_index, backend, strategy, check_inputs, check_finite, chunk_tokens,
-                   chunk_vocab, process_group, vocab_start)
+    options = KernelOptions(temperature=temperature, ignore_index=ignore_index, backend=backend,
+                            strategy=strategy, check_inputs=check_inputs, check_finite=check_finite,
+                            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    shard = _check({"hidden_a": hidden_a, "hidden_b": hidden_b}, weight_shard, targets, options,
+                   process_group, vocab_start)
     outs = _StatsFunction.apply(hidden_a.reshape(-1, hidden_a.shape[-1]),
                                 hidden_b.reshape(-1, hidden_b.shape[-1]), weight_shard, shard)
     return TwoViewStats(*(o.reshape(targets.shape) for o in outs))
@@ -304,11 +302,11 @@ def two_view_stats(hidden_a: Tensor, hidden_b: Tensor, weight_shard: Tensor, tar
 class _FusedRun:
     """The fused calls' chunk loop (FusedLossFunction's `run`) over a vocabulary shard."""
 
-    def __init__(self, shard: _Shard, loss_fn: Callable, stats_type, chunk_tokens: int | None):
+    def __init__(self, shard: _Shard, loss_fn: Callable, stats_type):
         self.shard = shard
         self.loss_fn = loss_fn
         self.stats_type = stats_type
-        self.chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
+        self.chunk_tokens = shard.options.chunk_tokens or DEFAULT_CHUNK_TOKENS
         self.metrics: dict = {}
 
     def execute(self, hidden_a, hidden_b, weight, targets, need_a: bool, need_b: bool, need_w: bool):
@@ -354,16 +352,12 @@ class _FusedRun:
         return loss, dh_a, dh_b, dw_acc
 
 
-def _fused(hiddens, weight_shard, targets, loss_fn, stats_type, process_group, vocab_start, temperature,
-           ignore_index, backend, strategy, check_inputs, check_finite, chunk_tokens, chunk_vocab):
-    if not callable(loss_fn):
-        raise TypeError("loss_fn must be callable (stats, index) -> (loss, metrics), "
-                        f"got {type(loss_fn).__name__}")
-    shard = _check(hiddens, weight_shard, targets, temperature, ignore_index, backend, strategy,
-                   check_inputs, check_finite, chunk_tokens, chunk_vocab, process_group, vocab_start)
+def _fused(hiddens, weight_shard, targets, loss_fn, stats_type, process_group, vocab_start,
+           options: KernelOptions):
+    shard = _check(hiddens, weight_shard, targets, options, process_group, vocab_start)
     views = [h.reshape(-1, h.shape[-1]) for h in hiddens.values()]
     hidden_a, hidden_b = views[0], (views[1] if len(views) > 1 else None)
-    run = _FusedRun(shard, loss_fn, stats_type, chunk_tokens)
+    run = _FusedRun(shard, loss_fn, stats_type)
     flat_targets = targets.reshape(-1)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*views, weight_shard)):
         loss = FusedLossFunction.apply(hidden_a, hidden_b, weight_shard, flat_targets, run)
@@ -383,9 +377,12 @@ def fused_token_loss(hidden: Tensor, weight_shard: Tensor, targets: Tensor, loss
     be deterministic across ranks; the returned loss and metrics are the same on every rank.
     {args}
     """
-    return _fused({"hidden": hidden}, weight_shard, targets, loss_fn, TokenStats, process_group,
-                  vocab_start, temperature, ignore_index, backend, strategy, check_inputs, check_finite,
-                  chunk_tokens, chunk_vocab)
+    _check_loss_fn(loss_fn)
+    options = KernelOptions(temperature=temperature, ignore_index=ignore_index, backend=backend,
+                            strategy=strategy, check_inputs=check_inputs, check_finite=check_finite,
+                            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    return _fused({"hidden": hidden}, weight_shard, targets, loss_fn, TokenStats, process_group, vocab_start,
+                  options)
 
 
 def fused_two_view_loss(hidden_a: Tensor, hidden_b: Tensor, weight_shard: Tensor, targets: Tensor,
@@ -397,9 +394,12 @@ def fused_two_view_loss(hidden_a: Tensor, hidden_b: Tensor, weight_shard: Tensor
     """`papo_kernels.fused_two_view_loss` from a vocabulary shard of the head (as fused_token_loss).
     {args}
     """
+    _check_loss_fn(loss_fn)
+    options = KernelOptions(temperature=temperature, ignore_index=ignore_index, backend=backend,
+                            strategy=strategy, check_inputs=check_inputs, check_finite=check_finite,
+                            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
     return _fused({"hidden_a": hidden_a, "hidden_b": hidden_b}, weight_shard, targets, loss_fn, TwoViewStats,
-                  process_group, vocab_start, temperature, ignore_index, backend, strategy, check_inputs,
-                  check_finite, chunk_tokens, chunk_vocab)
+                  process_group, vocab_start, options)
 
 
 for _fn in (token_stats, two_view_stats, fused_token_loss, fused_two_view_loss):

@@ -1,5 +1,6 @@
-"""Shared test setup: Triton interpreter on GPU-less machines, fixed seeds, the gpu marker, and
-skips that fail under CI.
+"""Shared test setup: Triton interpreter on GPU-less machines, fixed seeds, the gpu marker, skips
+that fail under CI, and the tiny model's assets shared by the trainer tests (`tiny_assets`, `assets`;
+their plain helpers are in tests/_tiny_runs.py).
 
 Under CI=true (.ci/run sets it) every dependency of the suite is installed (the README's
 test command installs the extras the suite needs, and the CI torch brings triton), so a skipped test means
@@ -16,8 +17,12 @@ import re
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from tests._tiny_runs import build_tiny_assets  # noqa: E402
 
 # Optional dependencies that the README's test command does not install, and why. A skip whose
 # reason names one of them (as a word) stays a skip under CI=true; every other skip fails there.
@@ -85,3 +90,29 @@ def pytest_make_collect_report(collector):
     report = outcome.get_result()
     if _under_ci() and report.skipped:
         _fail_skip(report, f"module {report.nodeid}")
+
+
+# --------------------------------------------------------------------------- the tiny model's assets
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """build(n_train, n_val) -> a directory holding the tiny model (tiny_model/) and that many
+    synthetic questions (data/); each size is built once per session. Runs copy it
+    (`tests._tiny_runs.fresh_dir`), never write into it."""
+    built: dict[tuple[int, int], Path] = {}
+
+    def build(n_train: int, n_val: int) -> Path:
+        if (n_train, n_val) not in built:
+            root = tmp_path_factory.mktemp(f"assets_{n_train}_{n_val}")
+            built[(n_train, n_val)] = build_tiny_assets(root, n_train=n_train, n_val=n_val)
+        return built[(n_train, n_val)]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def assets(tiny_assets):
+    """The tiny model and the data of the trainer tests' run (`tests._tiny_runs.FAST`: 32 + 8
+    questions); a module whose runs use other sizes overrides this fixture."""
+    return tiny_assets(32, 8)

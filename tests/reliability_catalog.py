@@ -728,24 +728,24 @@ DATA_CASES = [
 
 
 def _state_of(cfg, world=1):
-    from train.trainer import resume_fingerprint
+    from train.checkpoint import resume_fingerprint
 
     return {"step": 2, "stream": {"epoch": 0, "pos": 16}, "world_size": world,
             "config": resume_fingerprint(cfg)}
 
 
 def _resume_check(ctx, *, saved_cfg, cfg, world):
-    from train.trainer import check_resumable
+    from train.checkpoint import check_resumable
 
     check_resumable(_state_of(saved_cfg), ctx.tmp / "step_000002", world=world, cfg=cfg)
 
 
 def _checkpoint_error(*names: str) -> Raises:
-    return Raises("train.trainer:CheckpointError", names)
+    return Raises("train.checkpoint:CheckpointError", names)
 
 
 def _unreadable_state(ctx):
-    from train.trainer import read_trainer_state
+    from train.checkpoint import read_trainer_state
 
     path = ctx.tmp / "step_000002"
     path.mkdir()
@@ -755,7 +755,7 @@ def _unreadable_state(ctx):
 
 
 def _partial_ignored(ctx):
-    from train.trainer import COMPLETE_MARKER, complete_checkpoints
+    from train.checkpoint import COMPLETE_MARKER, complete_checkpoints
 
     root = ctx.tmp / "checkpoints"
     for name, complete in (("step_000001", True), ("step_000002", False), (".tmp-step_000003", True)):

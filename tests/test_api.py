@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import papo_kernels as pk
+from papo_kernels import reference
 from papo_kernels._backends import resolve_backend
+from papo_kernels._options import KernelOptions
 
 
 def _inputs(n=5, h=6, v=40):
@@ -57,6 +59,30 @@ def test_bad_options():
         pk.token_stats(a, w, t, chunk_vocab=0)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         pk.token_stats(a, w, t, ignore_index=-100.0)
+
+
+OPTIONS = dict(temperature=0.5, ignore_index=-1, backend="torch", strategy="workspace", chunk_tokens=3,
+               chunk_vocab=7)
+
+
+@pytest.mark.parametrize("call", ["token_stats", "two_view_stats", "fused_token_loss", "fused_two_view_loss"])
+def test_the_options_reach_the_backend_as_one_value(monkeypatch, call):
+    """Each call builds one KernelOptions from its keywords, and the backend's entry point gets it:
+    the statistics calls through their custom op's scalars, the fused calls unchanged."""
+    seen = []
+    entry = "loss_rows" if call.startswith("fused") else "forward_stats"
+    real = getattr(reference, entry)
+    position = 5 if entry == "loss_rows" else 4  # after the tensors (and on_chunk)
+    monkeypatch.setattr(reference, entry, lambda *a, **k: seen.append(a[position]) or real(*a, **k))
+    a, b, w, t = _inputs()
+    views = (a,) if call in ("token_stats", "fused_token_loss") else (a, b)
+    loss_fn = (lambda s, i: (s[0].sum(), {})) if call.startswith("fused") else None
+    getattr(pk, call)(*views, w, t, *([loss_fn] if loss_fn else []), **OPTIONS)
+    assert seen == [KernelOptions(**OPTIONS)]
+    assert isinstance(seen[0].temperature, float)
+    plain = KernelOptions(temperature=2)
+    assert plain.temperature == 2.0 and isinstance(plain.temperature, float)
+    assert KernelOptions.from_op_args(*plain.op_args()) == plain
 
 
 def test_cpp_backend_reports_not_built():

@@ -32,6 +32,7 @@ if "cpp" not in pk.available_backends("cpu"):
     pytest.skip("backend='cpp' is not built (pip install --no-build-isolation -e .)", allow_module_level=True)
 
 from papo_kernels import extension as E  # noqa: E402
+from papo_kernels._options import KernelOptions  # noqa: E402
 from papo_kernels.reference import RowGrads  # noqa: E402
 
 STRATEGIES = ("workspace", "tiles")
@@ -387,7 +388,7 @@ def test_float64_goes_to_the_torch_backend():
     ha, hb, w, t = make_inputs(6, 8, 50, torch.float64)
     s_r = reference.forward_stats(ha, hb, w, t)
     for strategy in STRATEGIES:
-        for x, x_r in zip(E.forward_stats(ha, hb, w, t, strategy=strategy), s_r):
+        for x, x_r in zip(E.forward_stats(ha, hb, w, t, KernelOptions(strategy=strategy)), s_r):
             assert x.dtype == torch.float64 and torch.equal(x, x_r)
 
 
@@ -395,22 +396,25 @@ def test_weight_grad_acc_is_added_into():
     """backward_grads adds dW into the caller's accumulator (strided or not), never overwrites it."""
     ha, hb, w, t = make_inputs(9, 16, 80, torch.float32)
     for strategy in STRATEGIES:
-        s = E.forward_stats(ha, hb, w, t, strategy=strategy)
+        s = E.forward_stats(ha, hb, w, t, KernelOptions(strategy=strategy))
         g = RowGrads(logp_a=torch.ones(9), kl_ab=torch.ones(9))
         acc = torch.zeros_like(w)
-        E.backward_grads(ha, hb, w, t, s, g, weight_grad_acc=acc, need_hidden_a=False, strategy=strategy)
+        E.backward_grads(ha, hb, w, t, s, g, KernelOptions(strategy=strategy), weight_grad_acc=acc,
+                         need_hidden_a=False)
         twice = torch.ones_like(w)
-        E.backward_grads(ha, hb, w, t, s, g, weight_grad_acc=twice, need_hidden_a=False, strategy=strategy)
+        E.backward_grads(ha, hb, w, t, s, g, KernelOptions(strategy=strategy), weight_grad_acc=twice,
+                         need_hidden_a=False)
         assert torch.allclose(twice - 1, acc, atol=1e-6)
         strided = torch.zeros(w.shape[1], w.shape[0]).T  # column-major
-        E.backward_grads(ha, hb, w, t, s, g, weight_grad_acc=strided, need_hidden_a=False, strategy=strategy)
+        E.backward_grads(ha, hb, w, t, s, g, KernelOptions(strategy=strategy), weight_grad_acc=strided,
+                         need_hidden_a=False)
         assert torch.allclose(strided, acc, atol=1e-6)
 
 
 def test_unknown_strategy_raises():
     ha, hb, w, t = make_inputs(3, 8, 20, torch.float32)
     with pytest.raises(ValueError, match="strategy must be one of"):
-        E.forward_stats(ha, hb, w, t, strategy="fastest")
+        E.forward_stats(ha, hb, w, t, KernelOptions(strategy="fastest"))
 
 
 # ---------------------------------------------------------------- reproducibility, dispatch, compile

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from experiments import stats
 from experiments.report import main as report_main
 from experiments.report import render_markdown
+from tests._tiny_runs import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,8 +153,7 @@ def _sweep(root: Path, results: Path, *extra: str, sets=TINY_SET) -> subprocess.
     cmd = [sys.executable, "-m", "experiments.sweep", "--root", str(root), "--results", str(results),
            "--variants", "grpo,papo-g-exact", "--seeds", "1", "--grid-seeds", "0", "--jobs", "2",
            *[f"--set={s}" for s in sets], *extra]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +166,8 @@ def swept(tmp_path_factory):
     return root, results, proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.distributed  # the sweep trains its runs in processes of its own
 def test_sweep_end_to_end_writes_every_output(swept):
     root, results, out = swept
     assert "2 runs planned, 0 already finished, 2 to do (+1 warm starts)" in out
@@ -190,6 +191,8 @@ def test_sweep_end_to_end_writes_every_output(swept):
                                                 "entropy_masked", "response_length")}
 
 
+@pytest.mark.slow
+@pytest.mark.distributed  # the sweep trains its runs in processes of its own
 def test_sweep_skips_finished_runs_and_refuses_a_changed_setup(swept, tmp_path):
     root, _, _ = swept
     again = _sweep(root, tmp_path / "results2")
@@ -200,6 +203,8 @@ def test_sweep_skips_finished_runs_and_refuses_a_changed_setup(swept, tmp_path):
     assert changed.returncode != 0 and "holds a sweep made with" in changed.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.distributed  # the sweep trains its runs in processes of its own
 def test_grad_noise_end_to_end(swept, tmp_path):
     from experiments import grad_noise
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from papo_kernels import _gemm, reference
+from papo_kernels._options import KernelOptions
 from papo_kernels.reference import RowGrads
 
 _PROBES = ("_mm_out_dtype_ok", "_addmm_fp32_self_ok", "_baddbmm_fp32_self_ok")
@@ -150,12 +151,12 @@ def _dense64(ha, hb, w, t, coefs):
 
 
 def _torch_backend_grads(ha, hb, w, t, coefs):
-    s = reference.forward_stats(ha, hb, w, t, temperature=TEMPERATURE)
+    s = reference.forward_stats(ha, hb, w, t, KernelOptions(temperature=TEMPERATURE))
     g = RowGrads(logp_a=coefs[0].float(), entropy_b=coefs[1].float(), kl_ab=coefs[2].float())
     acc = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-    dh_a, dh_b = reference.backward_grads(ha, hb, w, t, s, g, need_hidden_b=True, weight_grad_acc=acc,
-                                          hidden_b_is_constant=False, chunk_tokens=16, chunk_vocab=64,
-                                          temperature=TEMPERATURE)
+    options = KernelOptions(temperature=TEMPERATURE, chunk_tokens=16, chunk_vocab=64)
+    dh_a, dh_b = reference.backward_grads(ha, hb, w, t, s, g, options, need_hidden_b=True,
+                                          weight_grad_acc=acc, hidden_b_is_constant=False)
     return s, dh_a, dh_b, acc
 
 
@@ -180,7 +181,8 @@ def test_torch_backend_half_operand_path_on_cpu(fresh_probes, monkeypatch):
     t = torch.randint(0, v, (n,), generator=g)
     t[5] = -100
     coefs = torch.randn(3, n, generator=g)
-    s32 = reference.forward_stats(ha, hb, w, t, temperature=TEMPERATURE)  # CPU: upcast, fp32 GEMMs
+    # CPU: upcast, fp32 GEMMs
+    s32 = reference.forward_stats(ha, hb, w, t, KernelOptions(temperature=TEMPERATURE))
     assert "mm_out_dtype" not in _gemm.paths()
     _emulated_out_dtype(monkeypatch)
     assert reference._gemm_dtype(ha, torch.float32) == torch.bfloat16

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,55 +16,25 @@ import pytest
 import torch
 
 from papo import faults
-from train.config import load_config
+from tests._tiny_runs import ROOT, child_env, fresh_dir, make_cfg, stable
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "train" / "configs" / "tiny.yaml"
 STEPS = 4
 # 8 prompts per rollout step in mini-batches of 4: two optimizer steps per rollout step
-RUN = [
-    "data.synthetic.n_train=32", "data.synthetic.n_val=8", "trainer.rollout_batch_size=8",
-    "trainer.mini_batch_size=4", "trainer.micro_batch_size=2", "trainer.log_prob_micro_batch_size=8",
-    "rollout.n=2", "data.max_response_length=6", "eval.every=0", "sft.steps=0", "checkpoint.export_hf=false",
-    "tensorboard=false", "plot=false", "deterministic=true", "optim.lr=1e-2", f"trainer.max_steps={STEPS}",
-    "checkpoint.save_every=1", f"checkpoint.keep_last={STEPS}",
-]
-VOLATILE = ("time/", "perf/", "memory/")
+RUN = ["plot=false", f"trainer.max_steps={STEPS}", "checkpoint.save_every=1", f"checkpoint.keep_last={STEPS}"]
 
 
 def _cfg(out: Path):
-    return load_config(TINY, [f"out_dir={out}", *RUN])
-
-
-def _prepare(out: Path, assets: Path) -> Path:
-    out.mkdir()
-    shutil.copytree(assets / "tiny_model", out / "tiny_model")
-    shutil.copytree(assets / "data", out / "data")
-    return out
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from train.data import write_synthetic
-    from train.tiny import TinyModelSpec, ensure_tiny_model_dir
-
-    root = tmp_path_factory.mktemp("assets")
-    cfg = _cfg(root)
-    ensure_tiny_model_dir(root / "tiny_model", TinyModelSpec(**vars(cfg.model.tiny)))
-    s = cfg.data.synthetic
-    write_synthetic(root / "data", n_train=s.n_train, n_val=s.n_val, seed=s.seed, tasks=s.tasks,
-                    image_size=s.image_size)
-    return root
+    return make_cfg(out, *RUN)
 
 
 def _records(out: Path) -> list[dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if not k.startswith(VOLATILE)} for x in lines if x.strip()]
+    return [stable(json.loads(x)) for x in lines if x.strip()]
 
 
 def _checkpoints(out: Path) -> tuple[list[str], list[str]]:
     """(complete checkpoint names, names of other entries) under <out>/checkpoints."""
-    from train.trainer import complete_checkpoints
+    from train.checkpoint import complete_checkpoints
 
     root = out / "checkpoints"
     complete = [p.name for p in complete_checkpoints(root)]
@@ -87,24 +56,26 @@ def train_in_subprocess(out: str) -> None:
 
 def _killed_run(out: Path, fault: str) -> str:
     """Run training in a fresh interpreter with `fault` armed; it must die by SIGKILL. Returns its log."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PAPO_FAULTS=fault)
     # a one-process group of its own: not the rendezvous this process's trainer tests left in os.environ
-    for key in ("PAPO_FAULTS_ONCE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-c", f"from tests.test_reliability_faults import train_in_subprocess; "
-                                                 f"train_in_subprocess({str(out)!r})"],
+    env = child_env(PAPO_FAULTS=fault)
+    env.pop("PAPO_FAULTS_ONCE", None)
+    code = f"from tests.test_reliability_faults import train_in_subprocess; train_in_subprocess({str(out)!r})"
+    proc = subprocess.run([sys.executable, "-c", code],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == -signal.SIGKILL, f"{fault}: exit {proc.returncode}\n{log[-3000:]}"
     return log
 
 
+@pytest.mark.slow
+@pytest.mark.distributed  # the killed runs are training processes of their own
 def test_faults_then_resume_match_an_uninterrupted_run(assets, tmp_path, monkeypatch, caplog):
-    from train.trainer import CheckpointError, Trainer
+    from train.checkpoint import CheckpointError
+    from train.trainer import Trainer
 
     # the uninterrupted run, with the checkpoint points armed (at an unreachable count) to count the
     # files one checkpoint writes
-    full = _prepare(tmp_path / "full", assets)
+    full = fresh_dir(assets, tmp_path, "full")
     with faults.inject("checkpoint.written:1000000:kill"):
         trainer = Trainer(_cfg(full))
         try:
@@ -117,7 +88,7 @@ def test_faults_then_resume_match_an_uninterrupted_run(assets, tmp_path, monkeyp
     reference = _records(full)
     assert [r["step"] for r in reference] == [1, 2, 3, 4]
 
-    cut = _prepare(tmp_path / "cut", assets)
+    cut = fresh_dir(assets, tmp_path, "cut")
     # 1. SIGKILL right after the first file of step 2's checkpoint is written
     _killed_run(cut, f"checkpoint.written:{files_per_checkpoint + 1}:kill")
     complete, others = _checkpoints(cut)
@@ -141,7 +112,8 @@ def test_faults_then_resume_match_an_uninterrupted_run(assets, tmp_path, monkeyp
         assert trainer.step == 0
         trainer.world = 1
         with faults.inject("checkpoint.write:2:enospc"), caplog.at_level(logging.INFO, logger="train"):
-            with pytest.raises(CheckpointError, match=r"step_000003 failed \(\[Errno 28\].*step_000002, is intact"):
+            with pytest.raises(CheckpointError,
+                               match=r"step_000003 failed \(\[Errno 28\].*step_000002, is intact"):
                 trainer.train()
         assert "step_000002 at step 2" in caplog.text
     finally:
@@ -187,8 +159,8 @@ def test_grader_worker_that_dies_or_hangs_changes_no_grade(tmp_path, monkeypatch
     from papo.rewards import AnswerGrader
 
     # answers that differ from their truth as text, so each one reaches a worker (and sympy)
-    pairs = [("1/2", "0.5"), ("3", "4"), ("\\frac{1}{2}", "0.5"), ("2\\sqrt{2}", "\\sqrt{8}"), ("0.25", "1/4"),
-             ("x+1", "1+x"), ("7", "7.0")]
+    pairs = [("1/2", "0.5"), ("3", "4"), ("\\frac{1}{2}", "0.5"), ("2\\sqrt{2}", "\\sqrt{8}"),
+             ("0.25", "1/4"), ("x+1", "1+x"), ("7", "7.0")]
     with AnswerGrader() as grader:
         expected = grader.grade_many(pairs)
     children, fds = _children(), len(os.listdir("/proc/self/fd"))
@@ -210,5 +182,6 @@ def test_grader_worker_that_dies_or_hangs_changes_no_grade(tmp_path, monkeypatch
     # worker 1 dies at its 2nd answer, worker 2 hangs at its 4th: each of those answers is graded again
     assert (stats.worker_deaths, stats.timeouts, stats.retries) == (1, 1, 2)
     assert stats.attempts == len(pairs) + 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["grader.request-2-kill-None", "grader.request-4-hang-None"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grader.request-2-kill-None",
+                                                          "grader.request-4-hang-None"]
     assert _children() == children and len(os.listdir("/proc/self/fd")) == fds

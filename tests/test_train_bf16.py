@@ -8,12 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_train_trainer import assets, fresh_dir, make_cfg  # noqa: F401 - the module fixture
+from tests._tiny_runs import fresh_dir, make_cfg
 
 
 @pytest.mark.parametrize("fp32_head,zero_stage", [(False, 0), (True, 0), (True, 2)])
-def test_bf16_run(assets, tmp_path, fp32_head, zero_stage):  # noqa: F811
-    from train.trainer import PolicyWithLoss, Trainer, fp32_master_weight
+def test_bf16_run(assets, tmp_path, fp32_head, zero_stage):
+    from train.engine import fp32_master_weight
+    from train.policy import PolicyWithLoss
+    from train.trainer import Trainer
 
     out = fresh_dir(assets, tmp_path, f"bf16_{fp32_head}_{zero_stage}")
     # two mini-batches per step: the second uses the head after an optimizer step
@@ -52,7 +54,7 @@ def test_bf16_run(assets, tmp_path, fp32_head, zero_stage):  # noqa: F811
 
 
 def test_head_weight_is_the_master_with_gradient_to_the_working_weight():
-    from train.trainer import PolicyWithLoss
+    from train.policy import PolicyWithLoss
 
     policy = nn.Module()
     policy.lm_head = nn.Linear(8, 5, bias=False).to(torch.bfloat16)
@@ -69,9 +71,10 @@ def test_head_weight_is_the_master_with_gradient_to_the_working_weight():
         assert mod.head_weight(policy.lm_head) is master
 
 
-def test_fp32_head_of_a_frozen_lora_head_is_the_loaded_weight(assets, tmp_path):  # noqa: F811
+def test_fp32_head_of_a_frozen_lora_head_is_the_loaded_weight(assets, tmp_path):
     pytest.importorskip("peft")
-    from train.trainer import Trainer, load_policy
+    from train.policy import load_policy
+    from train.trainer import Trainer
 
     out = fresh_dir(assets, tmp_path, "bf16_lora")
     cfg = make_cfg(out, "trainer.max_steps=1", "checkpoint.save_every=0", "model.dtype=bfloat16",

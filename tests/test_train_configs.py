@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from tests.test_train_trainer import assets, fresh_dir, make_cfg  # noqa: F401 - the module fixture
+from tests._tiny_runs import fresh_dir, make_cfg
 
 ONE_UPDATE_PER_STEP = ["trainer.mini_batch_size=8", "checkpoint.save_every=0"]
 
@@ -46,12 +46,12 @@ def _train(cfg, before_train=None):
     pytest.param([], id="fp32-zero0"),
     # papo_g_3b.yaml's engine settings
     pytest.param(["model.dtype=bfloat16", "trainer.zero_stage=3", "model.gradient_checkpointing=true"],
-                 id="bf16-zero3-checkpointing"),
+                 id="bf16-zero3-checkpointing", marks=pytest.mark.slow),
     # random_3b.yaml's: the reference is a plain module there, not a DeepSpeed engine
     pytest.param(["model.dtype=bfloat16", "model.gradient_checkpointing=true",
                   "model.freeze_vision_tower=true"], id="bf16-zero0-frozen-vision"),
 ])
-def test_reference_kl_is_zero_before_the_first_update_and_positive_after(assets, tmp_path, extra,  # noqa: F811
+def test_reference_kl_is_zero_before_the_first_update_and_positive_after(assets, tmp_path, extra,
                                                                           monkeypatch):
     from train.trainer import Trainer
 
@@ -90,7 +90,7 @@ def test_reference_kl_is_zero_before_the_first_update_and_positive_after(assets,
 # --------------------------------------------------------------------------- DAPO online filter
 
 
-def test_online_filter_keeps_mixed_groups_and_refills_the_batch(assets, tmp_path, monkeypatch):  # noqa: F811
+def test_online_filter_keeps_mixed_groups_and_refills_the_batch(assets, tmp_path, monkeypatch):
     from train.trainer import Trainer
 
     out = fresh_dir(assets, tmp_path, "filter")
@@ -163,7 +163,7 @@ def _dense_perception_loss(tr, batch, masked_view: str, gamma: float) -> torch.T
 
 
 @pytest.mark.parametrize("masked_view", ["current_no_grad", "live"])
-def test_exact_estimator_gradient_through_the_trainer(assets, tmp_path, masked_view):  # noqa: F811
+def test_exact_estimator_gradient_through_the_trainer(assets, tmp_path, masked_view):
     from train.batching import pack
 
     out = fresh_dir(assets, tmp_path, f"exact_{masked_view}")
@@ -186,9 +186,9 @@ def test_exact_estimator_gradient_through_the_trainer(assets, tmp_path, masked_v
         want = torch.autograd.grad(_dense_perception_loss(tr, batch, masked_view, gamma), params,
                                    allow_unused=True)
         n_tokens = float(sum(s.response_ids.numel() for s in members))
-        metrics = tr.forward_backward_step(members, num_micro_batches=1, num_valid_tokens=n_tokens,
-                                           num_valid_sequences=float(len(members)),
-                                           coefficients=tr.papo.coefficients(0, 1))
+        metrics = tr.updater.forward_backward_step(members, num_micro_batches=1, num_valid_tokens=n_tokens,
+                                                   num_valid_sequences=float(len(members)),
+                                                   coefficients=tr.papo.coefficients(0, 1))
         assert metrics["kl/perception"] > 0
         for (name, p), w in zip([(n, p) for n, p in tr.module.named_parameters() if p.requires_grad], want):
             g = torch.zeros_like(p) if p.grad is None else p.grad
@@ -203,8 +203,8 @@ def test_exact_estimator_gradient_through_the_trainer(assets, tmp_path, masked_v
 # --------------------------------------------------------------------------- SFT warm start
 
 
-def test_warm_start_lowers_the_nll_and_papo_starts_from_it(assets, tmp_path):  # noqa: F811
-    from train.trainer import load_policy
+def test_warm_start_lowers_the_nll_and_papo_starts_from_it(assets, tmp_path):
+    from train.policy import load_policy
 
     out = fresh_dir(assets, tmp_path, "sft")
     cfg = make_cfg(out, "trainer.max_steps=1", *ONE_UPDATE_PER_STEP, "sft.steps=4", "sft.batch_size=8",

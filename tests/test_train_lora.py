@@ -7,13 +7,14 @@ import sys
 import pytest
 import torch
 
-from tests.test_train_trainer import assets, fresh_dir, make_cfg  # noqa: F401 - the module fixture
+from tests._tiny_runs import fresh_dir, make_cfg
 
 pytest.importorskip("peft")
 
 
-def test_lora_trains_adapters_only_and_export_merges(assets, tmp_path):  # noqa: F811
-    from train.trainer import Trainer, load_policy
+def test_lora_trains_adapters_only_and_export_merges(assets, tmp_path):
+    from train.policy import load_policy
+    from train.trainer import Trainer
 
     out = fresh_dir(assets, tmp_path, "lora")
     # one mini-batch per step: on-policy, ratio == 1
@@ -52,10 +53,10 @@ def test_lora_trains_adapters_only_and_export_merges(assets, tmp_path):  # noqa:
         tr.close()
 
 
-def test_lora_errors(assets, monkeypatch):  # noqa: F811
+def test_lora_errors(assets, monkeypatch):
     from train.config import ConfigError, LoRAConfig
     from train.lora import apply_lora
-    from train.trainer import load_policy
+    from train.policy import load_policy
 
     policy, _ = load_policy(assets / "tiny_model", dtype=torch.float32, attn_implementation="sdpa")
     with pytest.raises(ConfigError, match="model.lora.target_modules"):

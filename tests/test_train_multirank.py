@@ -11,90 +11,33 @@ Each launch has a timeout, so a hang fails the test instead of blocking the suit
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests._tiny_runs import ONE_STEP, fresh_dir, launch_ranks, tiny_config
+
 pytestmark = pytest.mark.distributed
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "train" / "configs" / "tiny.yaml"
-FAST = [
-    "data.synthetic.n_train=16", "data.synthetic.n_val=4", "trainer.rollout_batch_size=8",
-    "trainer.mini_batch_size=4", "trainer.micro_batch_size=4", "trainer.log_prob_micro_batch_size=8",
-    "rollout.n=2", "data.max_response_length=4", "eval.every=0", "sft.steps=0", "checkpoint.save_every=0",
-    "checkpoint.save_final=false", "checkpoint.export_hf=false", "tensorboard=false", "plot=false",
-    "deterministic=true", "trainer.max_steps=1", "trainer.zero_stage=3",
-]
-TIMEOUT_S = 300
+FAST = [*ONE_STEP, "trainer.rollout_batch_size=8", "data.max_response_length=4", "trainer.zero_stage=3"]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from train.config import load_config
-    from train.data import write_synthetic
-    from train.tiny import TinyModelSpec, ensure_tiny_model_dir
-
-    root = tmp_path_factory.mktemp("assets")
-    cfg = load_config(TINY, [f"out_dir={root}", *FAST])
-    ensure_tiny_model_dir(root / "tiny_model", TinyModelSpec(**vars(cfg.model.tiny)))
-    s = cfg.data.synthetic
-    write_synthetic(root / "data", n_train=s.n_train, n_val=s.n_val, seed=s.seed, tasks=s.tasks,
-                    image_size=s.image_size)
-    return root
-
-
-def fresh(assets: Path, tmp_path: Path, name: str) -> Path:
-    out = tmp_path / name
-    out.mkdir()
-    shutil.copytree(assets / "tiny_model", out / "tiny_model")
-    shutil.copytree(assets / "data", out / "data")
-    return out
+def assets(tiny_assets):
+    return tiny_assets(16, 4)
 
 
 def launch(worker: str, out: Path, world: int, *args) -> list[dict]:
-    """Run `worker(out, rank, world, *args)` in `world` processes; returns each rank's result."""
-    from train.trainer import _free_port
-
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RANK="", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
-    procs = []
-    for rank in range(world):
-        code = (f"import json; from tests.test_train_multirank import {worker}; "
-                f"{worker}({str(out)!r}, {rank}, {world}, *json.loads({json.dumps(list(args))!r}))")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
-                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    deadline = time.monotonic() + TIMEOUT_S
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        tails = [(p.communicate()[0] or "")[-1500:] for p in procs]
-        pytest.fail(f"{worker}: ranks still running after {TIMEOUT_S} s (a collective some rank never "
-                    "entered?)\n" + "\n---\n".join(tails))
-    failed = [f"rank {rank} (exit {p.returncode}):\n{text[-3000:]}"
-              for rank, (p, text) in enumerate(zip(procs, logs)) if p.returncode != 0]
-    assert not failed, "\n---\n".join(failed)
-    return [torch.load(out / f"result_{rank}.pt", weights_only=False) for rank in range(world)]
+    """Run this module's `worker(out, rank, world, *args)` on `world` ranks; returns each rank's result."""
+    return launch_ranks(f"tests.test_train_multirank:{worker}", out, world, *args)
 
 
 def _start(out: str, *extra: str, rollout_engine=None):
-    from train.config import load_config
     from train.trainer import Trainer
 
-    cfg = load_config(TINY, [f"out_dir={out}", *FAST, *extra])
+    cfg = tiny_config(out, *FAST, *extra)
     return Trainer(cfg, rollout_engine=rollout_engine)
 
 
@@ -144,7 +87,7 @@ def filter_worker(out: str, rank: int, world: int) -> None:
 
 
 def test_online_filter_on_two_ranks_under_zero3(assets, tmp_path):
-    r0, r1 = launch("filter_worker", fresh(assets, tmp_path, "filter"), 2)
+    r0, r1 = launch("filter_worker", fresh_dir(assets, tmp_path, "filter"), 2)
     for r in (r0, r1):
         # try 1: 1 + 4 groups pass, fewer than 8: both ranks retry; try 2: 10 >= 8
         rec = r["rec"]
@@ -180,7 +123,7 @@ def ref_worker(out: str, rank: int, world: int, *extra: str) -> None:
 
 
 def test_reference_policy_is_sharded_in_the_policy_dtype(assets, tmp_path):
-    results = launch("ref_worker", fresh(assets, tmp_path, "ref"), 2)
+    results = launch("ref_worker", fresh_dir(assets, tmp_path, "ref"), 2)
     for r in results:
         # ZeRO-3 pads each tensor to a multiple of the world size: at most one element per tensor over half
         assert r["total"] / 2 <= r["local"] <= r["total"] / 2 + r["tensors"], r

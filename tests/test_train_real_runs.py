@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,43 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-from train.config import load_config
+from tests._tiny_runs import ONE_STEP, fresh_dir, tiny_config
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "train" / "configs" / "tiny.yaml"
-FAST = [
-    "data.synthetic.n_train=16", "data.synthetic.n_val=4", "trainer.rollout_batch_size=4",
-    "trainer.mini_batch_size=4", "trainer.micro_batch_size=4", "trainer.log_prob_micro_batch_size=8",
-    "rollout.n=2", "data.max_response_length=6", "eval.every=0", "sft.steps=0", "checkpoint.save_every=0",
-    "checkpoint.save_final=false", "checkpoint.export_hf=false", "tensorboard=false", "plot=false",
-    "deterministic=true", "optim.lr=1e-2", "trainer.max_steps=1",
-]
+FAST = [*ONE_STEP, "trainer.rollout_batch_size=4", "data.max_response_length=6", "optim.lr=1e-2"]
 # Qwen2.5-VL's released image processor (preprocessor_config.json) and the official data bounds
 QWEN_PROCESSOR = dict(min_pixels=3136, max_pixels=12845056)
 OFFICIAL_DATA = dict(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny model and synthetic data built once, copied into each run directory."""
-    from train.data import write_synthetic
-    from train.tiny import TinyModelSpec, ensure_tiny_model_dir
-
-    root = tmp_path_factory.mktemp("assets")
-    cfg = load_config(TINY, [f"out_dir={root}", *FAST])
-    ensure_tiny_model_dir(root / "tiny_model", TinyModelSpec(**vars(cfg.model.tiny)))
-    s = cfg.data.synthetic
-    write_synthetic(root / "data", n_train=s.n_train, n_val=s.n_val, seed=s.seed, tasks=s.tasks,
-                    image_size=s.image_size)
-    return root
-
-
-def fresh(assets: Path, tmp_path: Path, name: str) -> Path:
-    out = tmp_path / name
-    out.mkdir()
-    shutil.copytree(assets / "tiny_model", out / "tiny_model")
-    shutil.copytree(assets / "data", out / "data")
-    return out
+def assets(tiny_assets):
+    return tiny_assets(16, 4)
 
 
 class EchoRollouts:
@@ -76,7 +49,7 @@ def trainer(out: Path, *extra: str, engine: str = "echo"):
 
     from train.trainer import Trainer
 
-    cfg = load_config(TINY, [f"out_dir={out}", *FAST, *extra])
+    cfg = tiny_config(out, *FAST, *extra)
     rollouts = None
     if engine == "echo":
         tok = AutoProcessor.from_pretrained(out / "tiny_model", local_files_only=True).tokenizer
@@ -121,8 +94,8 @@ def test_a_1001_px_image_gets_the_official_grid_in_every_path(tmp_path):
     72 x 72 patches. Handing the processor the data bounds instead (max 1,003,520) gave 70 x 70."""
     from train.eval import evaluate_dataset
     from train.rollout import SamplingParams
+    from train.samples import Sample
     from train.tiny import TinyModelSpec, ensure_tiny_model_dir
-    from train.trainer import Sample
 
     assert official_grid(1001, 1001, **OFFICIAL_DATA) == (72, 72)
     out = tmp_path / "run"
@@ -199,7 +172,7 @@ def test_online_filter_raises_at_its_retry_limit(assets, tmp_path, monkeypatch):
 
     # one group in each try of 4 prompts passes (mixed answers), the others are all wrong
     monkeypatch.setattr(Trainer, "_score", _score_by(lambda r, g, j: g == 0 and j == 0))
-    tr = trainer(fresh(assets, tmp_path, "limit"), "papo.preset=papo-d-7b",
+    tr = trainer(fresh_dir(assets, tmp_path, "limit"), "papo.preset=papo-d-7b",
                  "trainer.online_filter_max_tries=3")
     try:
         with pytest.raises(RuntimeError, match=r"online_filter.*3 of 4 .*online_filter_max_tries=3"):
@@ -223,7 +196,7 @@ def test_online_filter_keeps_a_try_whole_when_nothing_passes_and_draws_full_batc
         return len(tries) > 1 and j == 0
 
     monkeypatch.setattr(Trainer, "_score", _score_by(rule))
-    tr = trainer(fresh(assets, tmp_path, "whole"), "papo.preset=papo-d-7b",
+    tr = trainer(fresh_dir(assets, tmp_path, "whole"), "papo.preset=papo-d-7b",
                  "trainer.online_filter_max_tries=3")
     try:
         rec = tr.train_step()
@@ -238,7 +211,7 @@ def test_online_filter_fills_the_batch_across_tries(assets, tmp_path, monkeypatc
 
     # 3 of 4 groups pass in each try: the second try fills the batch, which keeps the first 4 in draw order
     monkeypatch.setattr(Trainer, "_score", _score_by(lambda r, g, j: g != 1 and j == 0))
-    tr = trainer(fresh(assets, tmp_path, "fill"), "papo.preset=papo-d-7b")
+    tr = trainer(fresh_dir(assets, tmp_path, "fill"), "papo.preset=papo-d-7b")
     try:
         samples, stats = tr._collect(0)
         assert stats == {"filter/tries": 2.0, "filter/kept_groups": 6.0, "filter/prompts_seen": 8.0,
@@ -260,9 +233,9 @@ def test_text_only_samples_never_break_the_masked_pass(assets, tmp_path):
     its original one (masked log-probs = old log-probs, perception KL 0)."""
     from train.batching import encode_prompt
     from train.data import format_prompt
-    from train.trainer import Sample
+    from train.samples import Sample
 
-    tr = trainer(fresh(assets, tmp_path, "text"))
+    tr = trainer(fresh_dir(assets, tmp_path, "text"))
     try:
         d = tr.cfg.data
         text = encode_prompt(tr.processor, format_prompt("What is one plus one?"), [],
@@ -298,7 +271,7 @@ def test_text_only_samples_never_break_the_masked_pass(assets, tmp_path):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_non_finite_gradients_skip_the_step_at_every_zero_stage(assets, tmp_path, stage):
-    tr = trainer(fresh(assets, tmp_path, f"nan{stage}"), f"trainer.zero_stage={stage}",
+    tr = trainer(fresh_dir(assets, tmp_path, f"nan{stage}"), f"trainer.zero_stage={stage}",
                  "trainer.mini_batch_size=2")
     try:
         before = {k: v.clone() for k, v in tr.full_state_dict().items()}
@@ -332,7 +305,7 @@ def test_reference_policy_in_the_policy_dtype_and_offloaded(assets, tmp_path):
     for offload in (False, True):
         extra = ["papo.preset=papo-g-7b", "model.dtype=bfloat16"]
         extra += ["model.ref_offload=true"] if offload else []
-        tr = trainer(fresh(assets, tmp_path, f"ref{offload}"), *extra)
+        tr = trainer(fresh_dir(assets, tmp_path, f"ref{offload}"), *extra)
         try:
             params = list(tr.ref_model.parameters())
             stored = [getattr(p, "ds_tensor", p) for p in params]

@@ -13,23 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import load_config
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "train" / "configs" / "tiny.yaml"
-# Fields that legitimately differ between runs (wall clock, memory, throughput).
-VOLATILE = ("time/", "perf/", "memory/")
-
-FAST = [
-    "data.synthetic.n_train=32", "data.synthetic.n_val=8", "trainer.rollout_batch_size=8",
-    "trainer.mini_batch_size=4", "trainer.micro_batch_size=2", "trainer.log_prob_micro_batch_size=8",
-    "rollout.n=2", "data.max_response_length=6", "eval.every=0", "sft.steps=0",
-    "checkpoint.export_hf=false", "tensorboard=false", "deterministic=true", "optim.lr=1e-2",
-]
-
-
-def make_cfg(out: Path, *extra: str):
-    return load_config(TINY, [f"out_dir={out}", *FAST, *extra])
+from tests._tiny_runs import FAST, ROOT, TINY, child_env, fresh_dir, launch_ranks, make_cfg, stable
+from train.distributed import free_port
 
 
 def run_trainer(cfg, *, steps_then_kill: int | None = None):
@@ -51,33 +36,6 @@ def run_trainer(cfg, *, steps_then_kill: int | None = None):
     finally:
         tr.close()
     return recs, params
-
-
-def stable(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if not k.startswith(VOLATILE)}
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny model and synthetic data built once, copied into each run directory."""
-    from train.data import write_synthetic
-    from train.tiny import TinyModelSpec, ensure_tiny_model_dir
-
-    root = tmp_path_factory.mktemp("assets")
-    cfg = make_cfg(root)
-    ensure_tiny_model_dir(root / "tiny_model", TinyModelSpec(**vars(cfg.model.tiny)))
-    s = cfg.data.synthetic
-    write_synthetic(root / "data", n_train=s.n_train, n_val=s.n_val, seed=s.seed, tasks=s.tasks,
-                    image_size=s.image_size)
-    return root
-
-
-def fresh_dir(assets: Path, tmp_path: Path, name: str) -> Path:
-    out = tmp_path / name
-    out.mkdir()
-    shutil.copytree(assets / "tiny_model", out / "tiny_model")
-    shutil.copytree(assets / "data", out / "data")
-    return out
 
 
 def test_smoke_metrics_checkpoints_and_on_policy_ratio(assets, tmp_path):
@@ -129,7 +87,8 @@ def test_kill_and_resume_is_bitwise_identical(assets, tmp_path):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_zero3_matches_zero0(assets, tmp_path, tied):
-    extra = ["trainer.max_steps=1", "checkpoint.save_every=0", f"model.tiny.tie_word_embeddings={str(tied).lower()}",
+    extra = ["trainer.max_steps=1", "checkpoint.save_every=0",
+             f"model.tiny.tie_word_embeddings={str(tied).lower()}",
              # eps >> |g| makes Adam's first step lr * g / (|g| + eps) ~ lr * g (SGD-like), and no
              # clipping: a wrong gradient scale shows in the weights instead of being normalized away
              "optim.eps=1.0", "optim.lr=1.0", "optim.max_grad_norm=1e6"]
@@ -158,10 +117,10 @@ def test_deepspeed_launcher_smoke(assets, tmp_path):
     if launcher is None:
         pytest.skip("the deepspeed launcher is not installed next to this python")
     out = fresh_dir(assets, tmp_path, "launch")
-    cmd = [launcher, "--num_gpus", "1", "--master_port", "29611", str(ROOT / "train" / "run.py"),
+    # a free port, not a fixed one: another run of the suite on this machine may hold a fixed port
+    cmd = [launcher, "--num_gpus", "1", "--master_port", str(free_port()), str(ROOT / "train" / "run.py"),
            "--config", str(TINY), f"out_dir={out}", *FAST, "trainer.max_steps=2", "checkpoint.save_every=2"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "reward/accuracy" in x] == [1, 2]
@@ -170,7 +129,7 @@ def test_deepspeed_launcher_smoke(assets, tmp_path):
 
 def test_bad_model_dir_is_a_clear_error(tmp_path):
     from train.config import ConfigError
-    from train.trainer import load_policy
+    from train.policy import load_policy
 
     with pytest.raises(FileNotFoundError, match="model.path"):
         load_policy(tmp_path, dtype=torch.float32, attn_implementation="sdpa")
@@ -215,36 +174,23 @@ class FixedRollouts:
         return out
 
 
-def _dp_worker(out: str, rank: int, world: int, port: int, extra: str) -> None:
-    """One process of `test_two_processes_match_one` (run through `python -c`)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _dp_worker(out: str, rank: int, world: int, extra: list[str]) -> None:
+    """One rank of `test_two_processes_match_one` (started by `launch_ranks`)."""
     from train.trainer import Trainer
 
-    cfg = make_cfg(Path(out), *json.loads(extra))
+    cfg = make_cfg(Path(out), *extra)
     tr = Trainer(cfg, rollout_engine=FixedRollouts(Path(out) / "tiny_model"))
     try:
         recs = tr.train()
         params = tr.full_state_dict()
     finally:
         tr.close()
-    if rank == 0:
-        torch.save({"records": recs, "params": params}, Path(out) / "result.pt")
+    torch.save({"records": recs, "params": params} if rank == 0 else {}, Path(out) / f"result_{rank}.pt")
 
 
 def _launch(out: Path, world: int, extra: list[str]) -> dict:
-    from train.trainer import _free_port
-
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", "from tests.test_train_trainer import _dp_worker; "
-                               f"_dp_worker({str(out)!r}, {r}, {world}, {port}, {json.dumps(extra)!r})"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, text in zip(procs, logs):
-        assert p.returncode == 0, text[-4000:]
-    return torch.load(out / "result.pt", weights_only=False)
+    """What rank 0 of `world` ranks training `extra` in `out` saved."""
+    return launch_ranks("tests.test_train_trainer:_dp_worker", out, world, extra, timeout_s=600)[0]
 
 
 @pytest.mark.distributed

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import papo_kernels as pk
-
 from tests._numerics import assert_close_to_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,6 +30,7 @@ if "triton" not in pk.available_backends(DEVICE):
 
 from papo_kernels import kernels as K  # noqa: E402
 from papo_kernels import reference  # noqa: E402
+from papo_kernels._options import KernelOptions  # noqa: E402
 from papo_kernels.kernels import _config  # noqa: E402
 from papo_kernels.reference import RowGrads, RowStats  # noqa: E402
 
@@ -373,7 +373,7 @@ def test_float64_falls_back_to_the_reference():
     ha, hb, w, t = make_inputs(6, 8, 50, torch.float64)
     s_r = reference.forward_stats(ha, hb, w, t)
     for strategy in STRATEGIES:
-        s = K.forward_stats(ha, hb, w, t, strategy=strategy)
+        s = K.forward_stats(ha, hb, w, t, KernelOptions(strategy=strategy))
         for x, x_r in zip(s, s_r):
             assert x.dtype == torch.float64 and torch.equal(x, x_r)
 
@@ -381,8 +381,8 @@ def test_float64_falls_back_to_the_reference():
 def test_unknown_and_retired_strategies_raise():
     ha, hb, w, t = make_inputs(3, 8, 20, torch.float32)
     with pytest.raises(ValueError, match="strategy must be one of"):
-        K.forward_stats(ha, hb, w, t, strategy="fastest")
-    for call in (lambda: K.forward_stats(ha, hb, w, t, strategy="fused"),
+        K.forward_stats(ha, hb, w, t, KernelOptions(strategy="fastest"))
+    for call in (lambda: K.forward_stats(ha, hb, w, t, KernelOptions(strategy="fused")),
                  lambda: pk.two_view_stats(ha, hb, w, t, backend="triton", strategy="fused")):
         with pytest.raises(ValueError, match="strategy='fused' was retired: .*104x"):
             call()
@@ -392,15 +392,18 @@ def test_weight_grad_acc_is_added_into():
     """backward_grads adds dW into the caller's accumulator (strided or not), never overwrites it."""
     ha, hb, w, t = make_inputs(9, 16, 80, torch.float32)
     for strategy in STRATEGIES:
-        s = K.forward_stats(ha, hb, w, t, strategy=strategy)
+        s = K.forward_stats(ha, hb, w, t, KernelOptions(strategy=strategy))
         g = RowGrads(logp_a=torch.ones(9, device=ha.device), kl_ab=torch.ones(9, device=ha.device))
         acc = torch.zeros_like(w)
-        K.backward_grads(ha, hb, w, t, s, g, weight_grad_acc=acc, need_hidden_a=False, strategy=strategy)
+        K.backward_grads(ha, hb, w, t, s, g, KernelOptions(strategy=strategy), weight_grad_acc=acc,
+                         need_hidden_a=False)
         twice = torch.ones_like(w)
-        K.backward_grads(ha, hb, w, t, s, g, weight_grad_acc=twice, need_hidden_a=False, strategy=strategy)
+        K.backward_grads(ha, hb, w, t, s, g, KernelOptions(strategy=strategy), weight_grad_acc=twice,
+                         need_hidden_a=False)
         assert torch.allclose(twice - 1, acc, atol=1e-6)
         strided = torch.zeros(w.shape[1], w.shape[0], device=w.device).T  # column-major
-        K.backward_grads(ha, hb, w, t, s, g, weight_grad_acc=strided, need_hidden_a=False, strategy=strategy)
+        K.backward_grads(ha, hb, w, t, s, g, KernelOptions(strategy=strategy), weight_grad_acc=strided,
+                         need_hidden_a=False)
         assert torch.allclose(strided, acc, atol=1e-6)
 
 
@@ -434,14 +437,14 @@ def test_inregister_forward(dtype, monkeypatch):
     no-grad statistics): one split, and 7 vocabulary tiles in 5 splits merged by the combine kernel."""
     n, h, v = 37, 40, 203
     ha, hb, w, t = make_inputs(n, h, v, dtype, ignored=(6,))
-    ref = reference.forward_stats(ha, hb, w, t, temperature=0.7)
+    ref = reference.forward_stats(ha, hb, w, t, KernelOptions(temperature=0.7))
     calls = []
     real = K.inregister_stats
     monkeypatch.setattr(K, "inregister_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     small = _config.LaunchConfig(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, splits=5)
     for configs in ({}, dict(inregister_stats=small, stats_combine=_SMALL["stats_combine"])):
         with _config.override_workspace(inregister_forward=True), _config.override_configs(**configs):
-            got = K.forward_stats(ha, hb, w, t, temperature=0.7)
+            got = K.forward_stats(ha, hb, w, t, KernelOptions(temperature=0.7))
         for name, x, x_r in zip(RowStats._fields, got, ref):
             assert torch.allclose(x, x_r, atol=STAT_ATOL, rtol=0), (name, configs)
         assert got.logp_a[6].item() == 0.0

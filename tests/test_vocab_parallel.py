@@ -9,7 +9,6 @@ dW against the unsharded papo_kernels calls on the full head, in float64.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import papo_kernels as pk
+from train.distributed import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -141,15 +141,9 @@ def _worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_equals_one_rank(world):
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port()), nprocs=world, join=True)
 
 
 def test_vocab_parallel_needs_a_process_group(monkeypatch):

@@ -25,6 +25,7 @@ if "triton" not in pk.available_backends(DEVICE):
 
 from papo_kernels import _gemm, reference  # noqa: E402
 from papo_kernels import kernels as K  # noqa: E402
+from papo_kernels._options import KernelOptions  # noqa: E402
 from papo_kernels.kernels import _config, workspace  # noqa: E402
 from papo_kernels.reference import RowGrads  # noqa: E402
 
@@ -165,11 +166,11 @@ def test_ring_with_skipped_chunks():
     assert torch.all(got[1][8:16] == 0) and torch.all(got[2][24:32] == 0)
 
 
-def _backward(ha, hb, w, t, grads, *, need_a, need_b, b_const, with_dw, backend_fn, **kw):
+def _backward(ha, hb, w, t, grads, *, need_a, need_b, b_const, with_dw, backend_fn, **options):
     s = reference.forward_stats(ha, hb, w, t)
     acc = torch.zeros(w.shape, device=w.device) if with_dw else None
-    dh_a, dh_b = backend_fn(ha, hb, w, t, s, grads, need_hidden_a=need_a, need_hidden_b=need_b,
-                            weight_grad_acc=acc, hidden_b_is_constant=b_const, **kw)
+    dh_a, dh_b = backend_fn(ha, hb, w, t, s, grads, KernelOptions(**options), need_hidden_a=need_a,
+                            need_hidden_b=need_b, weight_grad_acc=acc, hidden_b_is_constant=b_const)
     return dh_a, dh_b, acc
 
 
@@ -251,11 +252,11 @@ def test_statistics_splits_match_one_split():
     trailing split, equal the unsplit kernel's."""
     n = 21
     ha, hb, w, t = _inputs(n, 16, 203, torch.float32, ignored=(1,))
-    one = K.forward_stats(ha, hb, w, t, temperature=0.7)
+    one = K.forward_stats(ha, hb, w, t, KernelOptions(temperature=0.7))
     for splits in (2, 5):  # 7 tiles of 32: splits of 4+3, and 2+2+2+1+0
         cfg = _config.LaunchConfig(BLOCK_N=8, BLOCK_V=32, splits=splits)
         with _config.override_configs(workspace_stats=cfg):
-            got = K.forward_stats(ha, hb, w, t, temperature=0.7)
+            got = K.forward_stats(ha, hb, w, t, KernelOptions(temperature=0.7))
         for name, x, y in zip(one._fields, got, one):
             torch.testing.assert_close(x, y, rtol=0, atol=2e-6, msg=f"{name}, {splits} splits")
 

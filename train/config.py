@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from papo import PAPOConfig
 from train.tiny import TinyModelSpec
 
 
@@ -223,7 +224,8 @@ class VLLMConfig:
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization",
                  f"must be in (0, 1], got {self.gpu_memory_utilization}")
         _require(self.tensor_parallel_size == 1, "rollout.vllm.tensor_parallel_size",
-                 f"only 1 is supported (one engine per rank on its own prompts), got {self.tensor_parallel_size}")
+                 "only 1 is supported (one engine per rank on its own prompts), "
+                 f"got {self.tensor_parallel_size}")
         _require(self.max_model_len >= 0, "rollout.vllm.max_model_len",
                  f"must be >= 0, got {self.max_model_len}")
         _require(self.max_images_per_prompt >= 1, "rollout.vllm.max_images_per_prompt",
@@ -290,8 +292,10 @@ class OptimConfig:
         _require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
         _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        _require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio",
+                 f"must be in [0, 1), got {self.warmup_ratio}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio",
+                 f"must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass(kw_only=True)
@@ -355,7 +359,7 @@ class CheckpointConfig:
     export_hf: bool = True
     """Write the final weights in HF format to `<out_dir>/hf_model` (ZeRO-3 shards consolidated)."""
     allow_changed_keys: list[str] = field(default_factory=list)
-    """Settings (dotted keys of train.trainer.RESUME_INVARIANT_KEYS, e.g. "optim.lr") allowed to differ
+    """Settings (dotted keys of train.checkpoint.RESUME_INVARIANT_KEYS, e.g. "optim.lr") allowed to differ
     from the checkpoint's when resuming; without them a resume under other values is refused."""
 
     def __post_init__(self) -> None:
@@ -396,7 +400,8 @@ class EvalConfig:
         _require(self.temperature > 0, "eval.temperature", "must be > 0")
         _require(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
         _require(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
-        _require(0 < self.min_pixels <= self.max_pixels, "eval.min_pixels", "need 0 < min_pixels <= max_pixels")
+        _require(0 < self.min_pixels <= self.max_pixels, "eval.min_pixels",
+                 "need 0 < min_pixels <= max_pixels")
         _require(self.limit >= 0, "eval.limit", "must be >= 0")
 
 
@@ -478,8 +483,6 @@ class RunConfig:
 
     def papo_config(self):
         """The validated `papo.PAPOConfig` of the `papo` section."""
-        from papo import PAPOConfig
-
         spec = dict(self.papo)
         preset = spec.pop("preset", None)
         known = {f.name for f in dataclasses.fields(PAPOConfig)}

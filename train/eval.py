@@ -21,8 +21,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from papo.rewards import AnswerGrader, compute_score
 from train.batching import encode_prompt
-from train.rollout import RolloutEngine, SamplingParams
+from train.data import load_dataset_for
+from train.policy import load_policy
+from train.rollout import HFRolloutEngine, RolloutEngine, SamplingParams
 
 
 def evaluate_dataset(engine: RolloutEngine, processor, dataset, *, k: int, temperature: float = 1.0,
@@ -36,8 +39,6 @@ def evaluate_dataset(engine: RolloutEngine, processor, dataset, *, k: int, tempe
 
     Returns {"avg@k": float, "format": float, "questions": int, "by_category": {name: avg@k}}.
     """
-    from papo.rewards import compute_score
-
     n = min(limit, len(dataset)) if limit else len(dataset)
     mine = list(range(rank, n, world))
     per_cat: dict[str, list[float]] = defaultdict(list)
@@ -55,7 +56,8 @@ def evaluate_dataset(engine: RolloutEngine, processor, dataset, *, k: int, tempe
             images = it["images"]
             if black_images:
                 images = [Image.new("RGB", im.size, (0, 0, 0)) for im in images]
-            encs.append(encode_prompt(processor, it["prompt"], images, min_pixels=min_pixels, max_pixels=max_pixels))
+            encs.append(encode_prompt(processor, it["prompt"], images, min_pixels=min_pixels,
+                                      max_pixels=max_pixels))
         params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 seed=seed * 7_919 + start + 1)
         completions = engine.generate(encs, params)
@@ -97,18 +99,15 @@ def to_markdown(results: dict[str, dict[str, Any]], k: int) -> str:
         lines.append(f"| {name} | {r['questions']} | {100 * r[f'avg@{k}']:.2f} | {100 * r['format']:.2f} |")
     if results:
         overall = sum(r[f"avg@{k}"] for r in results.values()) / len(results)
-        lines.append(f"| **overall** | {sum(r['questions'] for r in results.values())} | {100 * overall:.2f} | |")
+        questions = sum(r["questions"] for r in results.values())
+        lines.append(f"| **overall** | {questions} | {100 * overall:.2f} | |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: evaluate a local Qwen2.5-VL checkpoint on one or more ViRL39K-format datasets."""
-    from papo.rewards import AnswerGrader
-    from train.data import load_dataset_for
-    from train.rollout import HFRolloutEngine
-    from train.trainer import load_policy
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local model directory (HF format)")
     parser.add_argument("--data", required=True, action="append", help="dataset path (repeatable)")
     parser.add_argument("--split", default="validation")

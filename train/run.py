@@ -20,11 +20,13 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from train.config import ConfigError, describe, load_config  # noqa: E402
+from train.trainer import Trainer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse `--config FILE`, `key=value` overrides and the launcher's `--local_rank`."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(Path(__file__).parent / "configs" / "tiny.yaml"),
                         help="YAML config (default: train/configs/tiny.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -48,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print("\n".join(describe(cfg)))
         return 0
-    from train.trainer import Trainer
-
     trainer = Trainer(cfg)
     try:
         trainer.train()

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from papo_kernels import token_stats
 from train.batching import Sequence, encode_prompt, gather_response_hidden, pack, plan_micro_batches
 from train.data import ANSWERS
 
@@ -38,8 +39,6 @@ def run_sft(policy, processor, dataset, cfg, *, out_dir: str | Path) -> list[flo
 
     Returns the per-step losses. Deterministic given `cfg.seed`.
     """
-    from papo_kernels import token_stats
-
     s, d = cfg.sft, cfg.data
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -57,7 +56,8 @@ def run_sft(policy, processor, dataset, cfg, *, out_dir: str | Path) -> list[flo
             if i not in cache:  # encoding (resize + patchify) dominates on CPU: do it once
                 cache[i] = encode_prompt(processor, item["prompt"], item["images"], min_pixels=d.min_pixels,
                                          max_pixels=d.max_pixels)
-            target = sft_target(item["answer"], item.get("category", ""), s.response_template, rng, s.label_noise)
+            target = sft_target(item["answer"], item.get("category", ""), s.response_template, rng,
+                                s.label_noise)
             ids = tok(target, add_special_tokens=False)["input_ids"] + [eos]
             seqs.append(Sequence(cache[i], torch.tensor(ids, dtype=torch.long)))
         # The same packed micro-batches as PAPO (a packed row's attention mask is dense, so its

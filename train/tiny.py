@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from train.data import PROMPT_INSTRUCTION, synthetic_corpus
+
 # The 14 special tokens of Qwen2.5-VL, in Qwen's id order (151643 ... 151656).
 QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
@@ -169,7 +171,16 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
     tokens in Qwen's order, with eos `<|im_end|>` and pad `<|endoftext|>` as in
     Qwen2.5-VL-Instruct.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import Qwen2Tokenizer
 
     tok = Tokenizer(models.BPE())
@@ -276,8 +287,6 @@ def build_model(tokenizer, spec: TinyModelSpec):
 
 def default_corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: the synthetic task and the prompt template."""
-    from train.data import PROMPT_INSTRUCTION, synthetic_corpus
-
     lines = synthetic_corpus()
     lines += [PROMPT_INSTRUCTION, "You are a helpful assistant.", "system", "user", "assistant"]
     return lines
@@ -320,7 +329,8 @@ def ensure_tiny_model_dir(out_dir: str | Path, spec: TinyModelSpec | None = None
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: build a tiny model directory."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory")
     for f in dataclasses.fields(TinyModelSpec):
         flag = "--" + f.name.replace("_", "-")

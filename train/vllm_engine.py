@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from train.batching import EncodedPrompt
+from train.lora import merged_state_dict
 from train.rollout import Completion, SamplingParams, truncate_at_eos
 from train.tiny import VISION_SPECIAL_TOKENS
 
@@ -241,8 +242,6 @@ class VLLMRolloutEngine:
         transform = None
         lora = getattr(cfg.model, "lora", None)
         if lora is not None and getattr(lora, "rank", 0):
-            from train.lora import merged_state_dict
-
             def transform(state, _spec=lora):
                 return merged_state_dict(state, _spec)
         return cls.from_pretrained(

@@ -37,6 +37,7 @@ import torch
 import triton  # noqa: F401  (ImportError here tells the dispatcher that Triton is missing)
 
 from papo_kernels import reference
+from papo_kernels._options import DEFAULT_OPTIONS, KernelOptions
 from papo_kernels._strategies import check_strategy
 from papo_kernels.kernels import _config, workspace
 from papo_kernels.kernels._config import LaunchConfig, override_configs
@@ -71,23 +72,16 @@ def forward_stats(
     hidden_b: torch.Tensor | None,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    chunk_tokens: int | None = None,
-    chunk_vocab: int | None = None,
-    strategy: str = "auto",
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> RowStats:
     """Phase 1 over all rows: hidden_* [N, H], weight [V, H], targets [N] -> RowStats ([N] each).
 
     Outputs are float32 (float64 inputs: reference.forward_stats, float64 outputs).
     """
-    strategy = _strategy(strategy)
+    _strategy(options.strategy)  # 'tiles' is the cpp backend's: an error here
     if hidden_a.dtype == torch.float64:
-        return reference.forward_stats(
-            hidden_a, hidden_b, weight, targets, temperature=temperature, ignore_index=ignore_index,
-            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab, strategy=strategy,
-        )
+        return reference.forward_stats(hidden_a, hidden_b, weight, targets, options)
+    temperature, ignore_index, chunk_tokens = options.temperature, options.ignore_index, options.chunk_tokens
     n = hidden_a.shape[0]
     two = hidden_b is not None
     names = _STAT_NAMES if two else _STAT_NAMES[:3]
@@ -115,16 +109,12 @@ def backward_grads(
     targets: torch.Tensor,
     stats: RowStats,
     grads: RowGrads,
+    options: KernelOptions = DEFAULT_OPTIONS,
     *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
     need_hidden_a: bool = True,
     need_hidden_b: bool = False,
     weight_grad_acc: torch.Tensor | None = None,
     hidden_b_is_constant: bool = True,
-    chunk_tokens: int | None = None,
-    chunk_vocab: int | None = None,
-    strategy: str = "auto",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Phase 2: returns (dh_a, dh_b) in the hidden dtype (None where not needed) and adds dW into
     `weight_grad_acc` ([V, H], float32; float64 for float64 inputs) when given.
@@ -132,14 +122,14 @@ def backward_grads(
     `hidden_b_is_constant`: view b is a detached distribution, so no dW flows through it.
     float64 inputs: reference.backward_grads.
     """
-    strategy = _strategy(strategy)
+    _strategy(options.strategy)  # 'tiles' is the cpp backend's: an error here
     if hidden_a.dtype == torch.float64:
         return reference.backward_grads(
-            hidden_a, hidden_b, weight, targets, stats, grads, temperature=temperature,
-            ignore_index=ignore_index, need_hidden_a=need_hidden_a, need_hidden_b=need_hidden_b,
-            weight_grad_acc=weight_grad_acc, hidden_b_is_constant=hidden_b_is_constant,
-            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab, strategy=strategy,
+            hidden_a, hidden_b, weight, targets, stats, grads, options,
+            need_hidden_a=need_hidden_a, need_hidden_b=need_hidden_b, weight_grad_acc=weight_grad_acc,
+            hidden_b_is_constant=hidden_b_is_constant,
         )
+    temperature, ignore_index, chunk_tokens = options.temperature, options.ignore_index, options.chunk_tokens
     n, hid = hidden_a.shape
     two = hidden_b is not None
     device = hidden_a.device
@@ -175,16 +165,12 @@ def loss_rows(
     weight: torch.Tensor,
     targets: torch.Tensor,
     on_chunk,
+    options: KernelOptions = DEFAULT_OPTIONS,
     *,
     dh_a: torch.Tensor | None,
     dh_b: torch.Tensor | None,
     weight_grad_acc: torch.Tensor | None,
     hidden_b_is_constant: bool = True,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    chunk_tokens: int | None = None,
-    chunk_vocab: int | None = None,
-    strategy: str = "auto",
 ) -> None:
     """The fused calls' gradient-in-forward loop (reference.run_loss_rows' contract).
 
@@ -192,17 +178,16 @@ def loss_rows(
     fewer per chunk than phase 1 + phase 2); float64 inputs, N = 0 and an accumulator the
     kernels cannot add into use the generic loop over `forward_stats` / `backward_grads`.
     """
-    strategy = _strategy(strategy)
+    _strategy(options.strategy)  # 'tiles' is the cpp backend's: an error here
+    temperature, ignore_index, chunk_tokens = options.temperature, options.ignore_index, options.chunk_tokens
     generic = (hidden_a.dtype == torch.float64 or hidden_a.shape[0] == 0
                or (weight_grad_acc is not None and (weight_grad_acc.dtype != torch.float32
                                                     or weight_grad_acc.stride(1) != 1)))
     if generic:
         reference.run_loss_rows(
             forward_stats, backward_grads, hidden_a, hidden_b, weight, targets, on_chunk,
-            dh_a=dh_a, dh_b=dh_b, weight_grad_acc=weight_grad_acc,
-            hidden_b_is_constant=hidden_b_is_constant, chunk_tokens=chunk_tokens,
-            temperature=temperature, ignore_index=ignore_index, chunk_vocab=chunk_vocab,
-            strategy=strategy,
+            options, dh_a=dh_a, dh_b=dh_b, weight_grad_acc=weight_grad_acc,
+            hidden_b_is_constant=hidden_b_is_constant,
         )
         return
     two = hidden_b is not None
