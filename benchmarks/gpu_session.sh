@@ -14,7 +14,8 @@
 # Before the stages (GPU only) the C++ extension is built with its CUDA kernels (the epilogues of
 # strategy="workspace_cuda", csrc/cuda/) for this GPU's architecture alone, unless the checkout
 # already holds such a build: the machine starts bare each window. It counts against the session
-# budget (~1 min on 16 cores; at most BUILD_BUDGET_S, default 150 s); its log is
+# budget (~1 min on 16 cores; at most BUILD_BUDGET_S, default 150 s; GPU_ARCH=9.0 overrides the
+# architecture read from the device); its log is
 # results/<gpu>-<date>-build-log.txt. A failed build is logged, and the stages run on: the CUDA
 # epilogue tests then fail (PAPO_REQUIRE_CUDA_EPILOGUE=1) and the workspace_cuda cells are
 # "unavailable" with the reason.
@@ -151,7 +152,7 @@ build_extension() {  # the extension with CUDA kernels for this GPU, into the ch
     return 0
   fi
   local arch t0=$SECONDS rc
-  arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  arch=${GPU_ARCH:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
   say "build: papo_kernels._C with CUDA kernels for compute capability $arch (PAPO_BUILD_CUDA=1)"
   PAPO_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" NVCC_THREADS=${NVCC_THREADS:-4} \
     timeout -k 10 "${BUILD_BUDGET_S:-150}" $PY setup.py build_ext --inplace --build-temp /tmp/papo-cuda-build \
