@@ -111,6 +111,20 @@ def find_cuda_home(env, which=shutil.which, run=subprocess.run, defaults=("/usr/
     return next((home for home in defaults if _is_toolkit(home)), None)
 
 
+# What setuptools' build_ext.finalize_options sets on each extension it was handed; the CPU
+# fallback, created after that, needs them too (without them setuptools fails on its own
+# bookkeeping: "'Extension' object has no attribute '_needs_stub'").
+FINALIZED_EXTENSION_ATTRS = ("_full_name", "_links_to_dynamic", "_needs_stub", "_file_name")
+
+
+def carry_finalized_state(built, replacement):
+    """Copy setuptools' per-extension build state from `built` onto `replacement`; returns it."""
+    for attr in FINALIZED_EXTENSION_ATTRS:
+        if hasattr(built, attr):
+            setattr(replacement, attr, getattr(built, attr))
+    return replacement
+
+
 def _max_jobs() -> str:
     cores = os.cpu_count() or 1
     try:
@@ -190,7 +204,7 @@ def _extension_and_command():
                     raise
                 print(f"papo-kernels: the CUDA build failed ({type(exc).__name__}: {exc}); "
                       "building the CPU extension instead")
-                fallback = cpu_extension()
+                fallback = carry_finalized_state(ext, cpu_extension())
                 # the flags BuildExtension.build_extensions added to the original extension
                 fallback.extra_compile_args = {"cxx": list(ext.extra_compile_args["cxx"])}
                 fallback.define_macros = [m for m in ext.define_macros if m[0] != "PAPO_WITH_CUDA"]

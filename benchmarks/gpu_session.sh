@@ -11,6 +11,15 @@
 # stage is killed at its budget; the benchmarks inside stop starting new work ~20 s before that
 # and keep what they measured (a stage cut short is "partial": the next window reruns it).
 #
+# Before the stages (GPU only) the C++ extension is built with its CUDA kernels (the epilogues of
+# strategy="workspace_cuda", csrc/cuda/) for this GPU's architecture alone, unless the checkout
+# already holds such a build: the machine starts bare each window. It counts against the session
+# budget (~1 min on 16 cores; at most BUILD_BUDGET_S, default 150 s; GPU_ARCH=9.0 overrides the
+# architecture read from the device); its log is
+# results/<gpu>-<date>-build-log.txt. A failed build is logged, and the stages run on: the CUDA
+# epilogue tests then fail (PAPO_REQUIRE_CUDA_EPILOGUE=1) and the workspace_cuda cells are
+# "unavailable" with the reason.
+#
 # After every stage $OUT holds four files (what the device tool brings back):
 #   results.tar.gz   results/<gpu>-<date>.{json,md} (one section per stage), plots, test logs
 #   gpu_stages.json  the stage record updated with this window's outcomes: extract the tarball
@@ -136,14 +145,33 @@ install_wheels() {
   fi
 }
 
+build_extension() {  # the extension with CUDA kernels for this GPU, into the checkout (build_ext --inplace)
+  if $PY -c "import sys; from papo_kernels import extension as E; sys.exit(0 if E.cuda_archs() else 1)" \
+      >/dev/null 2>&1; then
+    say "build: papo_kernels._C with CUDA kernels is there already"
+    return 0
+  fi
+  local arch t0=$SECONDS rc
+  arch=${GPU_ARCH:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+  say "build: papo_kernels._C with CUDA kernels for compute capability $arch (PAPO_BUILD_CUDA=1)"
+  PAPO_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" NVCC_THREADS=${NVCC_THREADS:-4} \
+    timeout -k 10 "${BUILD_BUDGET_S:-150}" $PY setup.py build_ext --inplace --build-temp /tmp/papo-cuda-build \
+    > "$RESULTS/$SLUG-build-log.txt" 2>&1
+  rc=$?
+  grep -E "CUDA sources|CUDA build failed" "$RESULTS/$SLUG-build-log.txt" | tee -a "$LOG"
+  say "build: rc=$rc in $((SECONDS - t0)) s; kernels for: $($PY -c "from papo_kernels import extension as E; \
+print(E.cuda_archs() or 'none')" 2>&1 | tail -1)"
+}
+
 stage_tests() {
-  local files="tests/test_triton_kernels.py tests/test_workspace_ring.py tests/test_gemm.py"
+  local files="tests/test_triton_kernels.py tests/test_workspace_ring.py tests/test_gemm.py tests/test_cuda_epilogue.py"
   if [ "$DRY" = 1 ]; then  # the selection must collect; running it needs CUDA
     $PY -m pytest -q -p no:cacheprovider --collect-only -m gpu $files
     return $?
   fi
-  $PY -m pytest -q -p no:cacheprovider -m gpu --durations=8 --junitxml="$RESULTS/$SLUG-tests-junit.xml" \
-    $files 2>&1 | tee "$RESULTS/$SLUG-tests-log.txt"
+  # a build without CUDA kernels fails the CUDA epilogue tests here instead of skipping them
+  PAPO_REQUIRE_CUDA_EPILOGUE=1 $PY -m pytest -q -p no:cacheprovider -m gpu --durations=8 \
+    --junitxml="$RESULTS/$SLUG-tests-junit.xml" $files 2>&1 | tee "$RESULTS/$SLUG-tests-log.txt"
   local rc=${PIPESTATUS[0]}
   # which fp32-output GEMM paths this torch runs (in-place out_dtype addmm for dW, or slices)
   $PY - <<'EOF' 2>&1 | tee -a "$RESULTS/$SLUG-tests-log.txt"
@@ -170,7 +198,7 @@ EOF
 
 stage_loss16k() {
   loss loss-16k --tokens "$N16" --workloads two_view/fwd_bwd --reps "$REPS" --csv \
-    --providers "$(providers triton:fused:workspace,triton:fused:workspace:ring2s,triton:fused:workspace:v1,triton:stats:workspace,torch:fused,compile,floor)"
+    --providers "$(providers triton:fused:workspace,triton:fused:workspace_cuda,triton:fused:workspace:ring2s,triton:fused:workspace:v1,triton:stats:workspace,torch:fused,compile,floor)"
 }
 
 stage_maxbatch() {
@@ -187,7 +215,7 @@ stage_bconst16k() {
 stage_token16k() {
   install_wheels
   loss loss-token-16k --tokens "$N16" --workloads token_stats/fwd_bwd,token_stats/fwd --reps "$REPS" --csv \
-    --providers "$(providers triton:fused:workspace,triton:stats:workspace,triton:stats:workspace:v1,triton:stats:inregister,torch:stats,torch:fused,compile,cce,verl,floor)"
+    --providers "$(providers triton:fused:workspace,triton:stats:workspace,triton:stats:workspace_cuda,triton:stats:workspace:v1,triton:stats:inregister,torch:stats,torch:fused,compile,cce,verl,floor)"
 }
 
 stage_sweep() {
@@ -272,6 +300,10 @@ say "stages to run: ${STAGES:-none} (session budget ${SESSION_BUDGET} s)"
 
 START=$SECONDS
 overall=0
+if [ "$DRY" != 1 ] && [ -n "$STAGES" ]; then
+  build_extension
+  pack
+fi
 for stage in $STAGES; do
   STAGE_BUDGET=$(( $(budget_of "$stage") * BUDGET_SCALE ))
   left=$((SESSION_BUDGET - (SECONDS - START)))

@@ -18,7 +18,9 @@ Providers, each turned into a zero-argument callable by `build()`:
                  ours: `two_view_stats`/`token_stats` (autograd, backward recomputes) or
                  `fused_two_view_loss`/`fused_token_loss` (gradient in forward), per backend;
                  Triton's workspace strategy also as the variants of WORKSPACE_VARIANTS (the
-                 2026-11-25 path, a second stream, other dZ ring sizes), and
+                 2026-11-25 path, a second stream, other dZ ring sizes), as
+                 `triton:*:workspace_cuda` (the same path with the CUDA C++ epilogues of a
+                 PAPO_BUILD_CUDA=1 build of the extension), and
                  `triton:stats:inregister`, the in-register forward (no-grad statistics only);
     liger        Liger-Kernel's LigerFusedLinearGRPOLoss, one call per view (logp only);
     cce          Cut-Cross-Entropy's linear_cross_entropy, one call per view (logp only;
@@ -359,6 +361,12 @@ def _build_ours(backend: str, api: str, strategy: str, inp: Inputs, opts: dict):
         resolve_backend(backend, inp.hidden_a.device)
     except BackendUnavailableError as exc:
         raise Unavailable(str(exc)) from None
+    if strategy == "workspace_cuda":
+        from papo_kernels.kernels.epilogue_choice import cuda_epilogue_support
+
+        ok, reason = cuda_epilogue_support(inp.hidden_a.device)
+        if not ok:
+            raise Unavailable(reason)
     kw = dict(backend=backend, strategy=strategy)
     if opts.get("chunk_tokens"):
         kw["chunk_tokens"] = opts["chunk_tokens"]
@@ -551,6 +559,10 @@ def _ours() -> list[Provider]:
                 continue
             out.append(Provider(f"triton:{api}:workspace", "ours", "all", wl,
                                 _ours_builder(backend, api, "workspace"), needs_warmup=True, workspace={}))
+            out.append(Provider(f"triton:{api}:workspace_cuda", "ours", "all", wl,
+                                _ours_builder(backend, api, "workspace_cuda"), needs_warmup=True,
+                                workspace={},
+                                note="workspace path with the CUDA C++ epilogues (csrc/cuda/)"))
             for suffix, ws in WORKSPACE_VARIANTS.items():
                 # forward-only statistics differ between variants only for "v1" (unsplit epilogue)
                 wl_v = wl if suffix == "v1" else wl & _GRAD

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 DEFAULT = "triton:fused:workspace"  # the default path: the fused loss, ring workspace
+CUDA_EPILOGUES = "triton:fused:workspace_cuda"  # the same path with the CUDA C++ epilogues (csrc/cuda/)
 HEADLINE_N = 16384
 
 
@@ -76,6 +77,11 @@ def evaluate(doc: dict) -> list[dict]:
     if compile_t and ours_t:
         rows.append(_row("two views 16k: torch.compile time / ours", "(compare)",
                          round(compile_t["median"] / ours_t["median"], 3), True, "time"))
+    cuda_t = _find(cells, CUDA_EPILOGUES, field="time")
+    if cuda_t and ours_t:  # papo_kernels/kernels/epilogue_choice.py: `auto` follows this ratio
+        ratio = cuda_t["median"] / ours_t["median"]
+        rows.append(_row("two views 16k: CUDA epilogues time / Triton epilogues", "< 1: auto may pick CUDA",
+                         round(ratio, 3), ratio < 1, "time; an Evidence entry makes auto use it"))
     sweep = {c["tokens"]: c["vs_floor"] for c in cells if c["provider"] == DEFAULT and c["op"] == "two_view"
              and c["mode"] == "fwd_bwd" and c.get("b_requires_grad", True) and c["status"] == "ok"
              and c.get("vs_floor") is not None and 2048 <= c["tokens"] <= 32768}
@@ -93,7 +99,8 @@ def evaluate(doc: dict) -> list[dict]:
         x = _find(cells, "triton:stats:workspace", op=op)
         rows.append(_row(f"stats ops ({op}) fwd+bwd, N 16k", "<= 1.45x floor",
                          None if x is None else round(x, 3), x is not None and x <= 1.45, "x floor"))
-    for p in ("triton:stats:workspace", "triton:stats:workspace:v1", "triton:stats:inregister"):
+    for p in ("triton:stats:workspace", "triton:stats:workspace_cuda", "triton:stats:workspace:v1",
+              "triton:stats:inregister"):
         x = _find(cells, p, op="token_stats", mode="fwd")
         t = _find(cells, p, op="token_stats", mode="fwd", field="time")
         tc = _find(cells, "compile", op="token_stats", mode="fwd", field="time")

@@ -18,8 +18,8 @@
 // vocabulary columns per tile (tiles; chunk_forward), or vocabulary rows of a half weight upcast
 // at a time (the workspace strategy's chunk GEMMs; chunk_backward). 0: the defaults.
 //
-// A later CUDA build adds its kernels under cuda/ and registers them for the CUDA dispatch key
-// beside the CPU ones below (the checks are shared).
+// The workspace epilogue ops (epilogue_stats, epilogue_dz, cuda_archs: the CUDA kernels of cuda/
+// and their host reference) are registered by epilogue_ops.cpp into the same library.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -339,14 +339,12 @@ TORCH_LIBRARY_IMPL(papo_kernels_C, CPU, m) {
   m.impl("chunk_backward", &papo_kernels::chunk_backward_cpu);
 }
 
-#ifndef PAPO_WITH_CUDA
-// Without CUDA kernels, CUDA tensors reach the same checks, which name the argument and its
-// device, instead of the dispatcher's generic "could not run ... with arguments from the CUDA
-// backend".
+// These ops have CPU kernels only (a CUDA build adds the workspace epilogues, epilogue_ops.cpp):
+// CUDA tensors reach the same checks, which name the argument and its device, instead of the
+// dispatcher's generic "could not run ... with arguments from the CUDA backend".
 TORCH_LIBRARY_IMPL(papo_kernels_C, CUDA, m) {
   m.impl("forward_stats", &papo_kernels::forward_stats_cpu);
   m.impl("backward_grads", &papo_kernels::backward_grads_cpu);
   m.impl("chunk_forward", &papo_kernels::chunk_forward_cpu);
   m.impl("chunk_backward", &papo_kernels::chunk_backward_cpu);
 }
-#endif

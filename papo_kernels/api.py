@@ -138,10 +138,12 @@ _COMMON_ARGS = """
             compiled "cpp" on CPU, else "torch"; PAPO_KERNELS_BACKEND=torch|triton|cpp
             overrides it), "torch" (chunked PyTorch, any device and dtype), "triton", "cpp";
             an explicit backend that is not built or cannot run raises BackendUnavailableError.
-        strategy: "auto" | "workspace" | "tiles" (docs/design.md "Execution strategies"):
-            Triton has "workspace" (the in-register "fused" one was retired), cpp has both
-            ("auto": "tiles" for the statistics calls, "workspace" for the fused calls), the
-            torch backend has one and ignores it.
+        strategy: "auto" | "workspace" | "tiles" | "workspace_cuda" (docs/design.md
+            "Execution strategies"): Triton has "workspace" and "workspace_cuda" (the same
+            path with the CUDA C++ epilogues of a PAPO_BUILD_CUDA=1 build; the in-register
+            "fused" one was retired), cpp has "workspace" and "tiles" ("auto": "tiles" for the
+            statistics calls, "workspace" for the fused calls), the torch backend has one and
+            ignores it.
         check_inputs: raise ValueError naming `targets` for ids outside [0, V) other than
             ignore_index (default: True for CPU tensors, where it costs nothing). When False
             such rows give NaN outputs and gradients, without a host sync.

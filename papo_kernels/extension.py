@@ -22,6 +22,11 @@ Strategies (docs/design.md "Execution strategies"):
 
 Results are bitwise reproducible at a fixed thread count (torch.get_num_threads()).
 
+The library also holds the workspace epilogue ops of the Triton backend's
+strategy="workspace_cuda" (csrc/epilogue_ops.cpp, kernels in csrc/cuda/, built with
+PAPO_BUILD_CUDA=1): `cuda_archs` lists the GPU architectures compiled in, `epilogue_support`
+says whether they run on a device and, if not, how to rebuild.
+
 Importing this module loads the extension. It raises ImportError, which papo_kernels._backends
 reports as the reason the backend is unavailable, when the extension is not built or when it was
 built against another torch than the one running (checked from the library's build stamp before
@@ -111,8 +116,40 @@ def can_run(device: torch.device) -> tuple[bool, str]:
     return False, f"the C++ extension has CPU kernels only (got tensors on {device})"
 
 
+def cuda_archs() -> list[int]:
+    """The GPU architectures the extension's CUDA kernels were built for (e.g. [80, 90]); [] when
+    it was built without CUDA."""
+    return [int(a) // 10 for a in _ops.cuda_archs().split(",") if a.strip().isdigit()]
+
+
+def epilogue_support(device: torch.device) -> tuple[bool, str]:
+    """(whether the workspace epilogue ops, papo_kernels_C::epilogue_stats / epilogue_dz, run on
+    `device`, why not). CPU tensors run their host reference (a check of the CUDA kernels' math,
+    not a fast path); CUDA tensors need a build with CUDA kernels for the device's architecture."""
+    if device.type == "cpu":
+        return True, ""
+    if device.type != "cuda":
+        return False, f"the CUDA epilogues run on CUDA tensors (got tensors on {device})"
+    archs = cuda_archs()
+    if not archs:
+        return False, ("papo_kernels._C was built without CUDA kernels: rebuild it with "
+                       "PAPO_BUILD_CUDA=1 pip install --no-build-isolation -e . (a CUDA build of torch and "
+                       "the CUDA toolkit's nvcc needed)")
+    major, minor = torch.cuda.get_device_capability(device)
+    # SASS for sm_XY runs on sm_XZ with Z >= Y (the build embeds no PTX to JIT from)
+    if not any(a // 10 == major and a % 10 <= minor for a in archs):
+        built = ", ".join(f"sm_{a}" for a in archs)
+        return False, (f"papo_kernels._C has CUDA kernels for {built}, not for this GPU "
+                       f"(sm_{major}{minor}): rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor} "
+                       "PAPO_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+    return True, ""
+
+
 def _strategy(strategy: str, auto: str) -> str:
-    return auto if check_strategy(strategy) == "auto" else strategy
+    if check_strategy(strategy) == "workspace_cuda":
+        raise ValueError("strategy='workspace_cuda' is the Triton backend's workspace path with the CUDA "
+                         "epilogues (CUDA tensors); the cpp backend has 'workspace' and 'tiles' (or 'auto')")
+    return auto if strategy == "auto" else strategy
 
 
 def _scalars(options: KernelOptions) -> tuple[float, int, int | None, int | None]:

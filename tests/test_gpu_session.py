@@ -58,6 +58,7 @@ def test_dry_run_runs_every_stage(tmp_path):
     cells = {c["provider"]: c for c in doc["loss-16k"]["cells"]}
     assert cells["floor"]["status"] == "ok" and cells["torch:fused"]["check"] == "reference"
     assert cells["triton:fused:workspace:v1"]["status"] == "unavailable"  # gpu-only
+    assert cells["triton:fused:workspace_cuda"]["status"] == "unavailable"  # the CUDA epilogues, gpu-only
     assert "compile" not in cells  # DRY_SKIP
     search = {c["provider"]: c for c in doc["loss-maxbatch"]["cells"]}
     assert search["eager"]["max_tokens"] not in (None, "gpu-only")

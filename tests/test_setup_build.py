@@ -95,6 +95,30 @@ def test_extension_sources():
     assert cu == sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/**/*.cu"))
 
 
+def test_the_cuda_epilogues_are_in_the_build_plan():
+    """csrc/cuda/ holds one .cu file per kernel; PAPO_BUILD_CUDA=1 builds them with the extension
+    (no GPU needed), together with the op registration, which every build compiles."""
+    cpp, cu = S["extension_sources"](str(ROOT))
+    assert {"csrc/cuda/stats_epilogue.cu", "csrc/cuda/dz_epilogue.cu"} <= set(cu)
+    assert "csrc/epilogue_ops.cpp" in cpp
+    assert S["cuda_plan"](cu, {"PAPO_BUILD_CUDA": "1"}, False, "13.0") == (True, "PAPO_BUILD_CUDA=1")
+    assert not S["cuda_plan"](cu, {}, False, "13.0")[0]  # the README's install on a CPU machine
+
+
+def test_the_cpu_fallback_gets_setuptools_build_state():
+    """A failed CUDA build falls back to the CPU extension, created after setuptools finalized the
+    original: without the copied state setuptools raised "'Extension' object has no attribute
+    '_needs_stub'" and the fallback never built."""
+    from setuptools import Extension
+
+    built, fallback = Extension("papo_kernels._C", ["a.cu"]), Extension("papo_kernels._C", ["a.cpp"])
+    values = ("papo_kernels._C", False, False, "papo_kernels/_C.so")
+    for attr, value in zip(S["FINALIZED_EXTENSION_ATTRS"], values):
+        setattr(built, attr, value)
+    assert S["carry_finalized_state"](built, fallback) is fallback
+    assert all(getattr(fallback, a) == getattr(built, a) for a in S["FINALIZED_EXTENSION_ATTRS"])
+
+
 def test_capability_files_get_their_instruction_sets(monkeypatch):
     import platform
 

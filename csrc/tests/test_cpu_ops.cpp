@@ -4,7 +4,8 @@
 // registration. Covered: one and two views, both strategies, several chunks and vocabulary tiles
 // with a tail (V not a multiple of the vector width), temperature != 1, an ignored row (exactly
 // 0) and an out-of-range target (NaN), bf16 inputs, a live and a constant view b, the chunk ops
-// of the fused calls, bitwise repeatability, and argument checks that name the argument.
+// of the fused calls, bitwise repeatability, argument checks that name the argument, and the
+// workspace epilogue ops' registration (their host reference; test_epilogue_math checks its math).
 // Exit status: the number of failed checks (0 = pass).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -331,7 +332,7 @@ void check_errors() {
                "float64", "float64 inputs");
   expect_error([&] { forward_stats(ha, std::nullopt, w, t, 0.0, "workspace", 4, 0); }, "temperature",
                "zero temperature");
-  expect_error([&] { forward_stats(ha, std::nullopt, w, t, 1.0, "tiles", 4, 0); }, "strategy", "unknown strategy");
+  expect_error([&] { forward_stats(ha, std::nullopt, w, t, 1.0, "blocks", 4, 0); }, "strategy", "unknown strategy");
   expect_error([&] { forward_stats(ha, std::nullopt, w, t, 1.0, "workspace", 0, 0); }, "chunk_tokens",
                "zero chunk_tokens");
   const auto s = forward_stats(ha, std::nullopt, w, t, 1.0, "workspace", 4, 0);
@@ -349,6 +350,31 @@ void check_errors() {
   }, "dh_a", "dh_a of another shape");
   expect_error([&] { chunk_forward(at::empty({10}), ha, std::nullopt, w, t, 1.0); }, "workspace",
                "workspace too small");
+}
+
+// The workspace epilogue ops (epilogue_ops.cpp) on CPU tensors run the CUDA kernels' host
+// reference: registered in this library too, and consistent with ATen in double precision.
+void check_epilogue_ops() {
+  static auto stats_op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("papo_kernels_C::epilogue_stats", "")
+                             .typed<void(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                         const OptTensor&, const OptTensor&, const OptTensor&, double, int64_t)>();
+  const at::Tensor z = at::randn({2 * 3, 37}) * 3;
+  const at::Tensor za = z.narrow(0, 0, 3), zb = z.narrow(0, 3, 3);
+  at::Tensor t = at::randint(0, 37, {3}, at::kLong);
+  t[1] = -100;
+  std::vector<at::Tensor> o;
+  for (int i = 0; i < 8; ++i) o.push_back(at::full({3}, 7.0));
+  stats_op.call(za, zb, t, o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], 0.5, -100);
+  const at::Tensor want = at::logsumexp(za.to(at::kDouble) / 0.5, {1});
+  for (int64_t r : {0, 2}) {
+    expect(close(o[2][r].item<float>(), want[r].item<double>(), 1e-5), "epilogue_stats: lse_a row " + std::to_string(r));
+  }
+  for (int i = 0; i < 8; ++i) expect(o[i][1].item<float>() == 0.f, "epilogue_stats: an ignored row is exactly 0");
+  expect_error([&] {
+    stats_op.call(za, zb, t, o[0], o[1], o[2], std::nullopt, o[4], o[5], o[6], o[7], 1.0, -100);
+  }, "logp_b", "epilogue_stats without logp_b for two views");
 }
 
 }  // namespace
@@ -375,6 +401,7 @@ int main() {
   check_backward(c, true, false, "workspace", 0, 0, true);
   check_backward(c, false, true, "workspace", 0, 0, true);
   check_errors();
+  check_epilogue_ops();
   std::printf("%s: %d of %d checks failed\n", failures == 0 ? "PASS" : "FAIL", failures, checks);
   return failures == 0 ? 0 : 1;
 }

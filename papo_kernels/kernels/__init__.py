@@ -1,9 +1,12 @@
 """Triton backend (`backend="triton"`): `forward_stats` / `backward_grads` with reference.py's signatures.
 
-One execution strategy, "workspace" (what "auto" picks; docs/design.md "Execution strategies"): per
-chunk of C rows, one cuBLAS GEMM of the stacked views into a bounded fp32 logit workspace,
-Triton epilogues for the statistics and dZ, and per ring of dZ rows one stacked dh GEMM and one
-dW GEMM (workspace.py, stats_workspace.py, stats_combine.py, grad_workspace.py).
+One execution path, the workspace (docs/design.md "Execution strategies"): per chunk of C rows,
+one cuBLAS GEMM of the stacked views into a bounded fp32 logit workspace, epilogues for the
+statistics and dZ, and per ring of dZ rows one stacked dh GEMM and one dW GEMM (workspace.py,
+stats_workspace.py, stats_combine.py, grad_workspace.py). Two strategies pick the epilogues:
+"workspace" the Triton ones, "workspace_cuda" the CUDA C++ ones of the compiled extension
+(csrc/cuda/, a PAPO_BUILD_CUDA=1 build); "auto" picks Triton unless a committed GPU run measured
+the CUDA ones faster (epilogue_choice.py).
 
 The in-register strategy ("fused": logits recomputed in registers, dh and dW by ownership
 sweeps or atomics) was retired from the public choices: its gradient kernels measured 104x the
@@ -38,9 +41,9 @@ import triton  # noqa: F401  (ImportError here tells the dispatcher that Triton 
 
 from papo_kernels import reference
 from papo_kernels._options import DEFAULT_OPTIONS, KernelOptions
-from papo_kernels._strategies import check_strategy
 from papo_kernels.kernels import _config, workspace
 from papo_kernels.kernels._config import LaunchConfig, override_configs
+from papo_kernels.kernels.epilogue_choice import choose_epilogue
 from papo_kernels.kernels.stats_inregister import inregister_stats
 from papo_kernels.reference import RowGrads, RowStats
 
@@ -49,11 +52,6 @@ __all__ = ["LaunchConfig", "backward_grads", "forward_stats", "loss_rows", "over
 _STAT_NAMES = ("logp_a", "entropy_a", "lse_a", "logp_b", "entropy_b", "lse_b", "kl_ab", "kl_ba")
 
 
-def _strategy(strategy: str) -> str:
-    if check_strategy(strategy) == "tiles":
-        raise ValueError("strategy='tiles' is the cpp backend's (CPU); the Triton backend has 'workspace' "
-                         "(or 'auto')")
-    return "workspace"
 
 
 def _unit_cols(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -78,7 +76,7 @@ def forward_stats(
 
     Outputs are float32 (float64 inputs: reference.forward_stats, float64 outputs).
     """
-    _strategy(options.strategy)  # 'tiles' is the cpp backend's: an error here
+    epilogue = choose_epilogue(options.strategy, hidden_a.device)
     if hidden_a.dtype == torch.float64:
         return reference.forward_stats(hidden_a, hidden_b, weight, targets, options)
     temperature, ignore_index, chunk_tokens = options.temperature, options.ignore_index, options.chunk_tokens
@@ -98,7 +96,8 @@ def forward_stats(
             **opts,
         )
     else:
-        workspace.forward_stats(hidden_a, hidden_b, weight, targets, outs, chunk_tokens=chunk_tokens, **opts)
+        workspace.forward_stats(hidden_a, hidden_b, weight, targets, outs, chunk_tokens=chunk_tokens,
+                                epilogue=epilogue, **opts)
     return RowStats(**outs)
 
 
@@ -122,7 +121,7 @@ def backward_grads(
     `hidden_b_is_constant`: view b is a detached distribution, so no dW flows through it.
     float64 inputs: reference.backward_grads.
     """
-    _strategy(options.strategy)  # 'tiles' is the cpp backend's: an error here
+    epilogue = choose_epilogue(options.strategy, hidden_a.device)
     if hidden_a.dtype == torch.float64:
         return reference.backward_grads(
             hidden_a, hidden_b, weight, targets, stats, grads, options,
@@ -153,7 +152,7 @@ def backward_grads(
             grads_d[k] = None
     workspace.backward_grads(hidden_a, hidden_b, weight, targets, stats_d, grads_d, dh_a, dh_b, acc,
                              chunk_tokens=chunk_tokens, b_in_dw=b_in_dw, temperature=float(temperature),
-                             ignore_index=int(ignore_index))
+                             ignore_index=int(ignore_index), epilogue=epilogue)
     if acc is not None and acc is not weight_grad_acc:
         weight_grad_acc += acc.to(weight_grad_acc.dtype)
     return dh_a, dh_b
@@ -178,7 +177,7 @@ def loss_rows(
     fewer per chunk than phase 1 + phase 2); float64 inputs, N = 0 and an accumulator the
     kernels cannot add into use the generic loop over `forward_stats` / `backward_grads`.
     """
-    _strategy(options.strategy)  # 'tiles' is the cpp backend's: an error here
+    epilogue = choose_epilogue(options.strategy, hidden_a.device)
     temperature, ignore_index, chunk_tokens = options.temperature, options.ignore_index, options.chunk_tokens
     generic = (hidden_a.dtype == torch.float64 or hidden_a.shape[0] == 0
                or (weight_grad_acc is not None and (weight_grad_acc.dtype != torch.float32
@@ -195,4 +194,5 @@ def loss_rows(
         _unit_cols(hidden_a), _unit_cols(hidden_b), _unit_cols(weight), targets.contiguous(), on_chunk,
         dh_a, dh_b, weight_grad_acc, b_in_dw=two and not hidden_b_is_constant,
         temperature=float(temperature), ignore_index=int(ignore_index), chunk_tokens=chunk_tokens,
+        epilogue=epilogue,
     )

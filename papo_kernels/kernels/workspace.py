@@ -32,6 +32,11 @@ a second CUDA stream while the next chunks' GEMMs and epilogues fill the other r
 under the interpreter the same bookkeeping runs on one stream); "v1": the 2026-11-25 path (1 GiB
 of logits + dZ copy per chunk, dh per view and dW += per chunk, unsplit statistics).
 
+Epilogues (`epilogue`, chosen by epilogue_choice.py): "triton" (stats_workspace.py with
+stats_combine.py, grad_workspace.py) or "cuda", the same two epilogues as CUDA C++ kernels of the
+compiled extension (cuda_epilogue.py, csrc/cuda/): one block per row for the statistics (no
+split partials), an elementwise grid for dZ. Everything else here is shared.
+
 Half inputs use fp32-output cuBLAS GEMMs (papo_kernels/_gemm.py) so no logit is rounded
 before the softmax; on CPU (the interpreter) the GEMMs run in fp32 on upcast operands.
 """
@@ -44,7 +49,7 @@ import torch
 import triton
 
 from papo_kernels import _gemm
-from papo_kernels.kernels import _config
+from papo_kernels.kernels import _config, cuda_epilogue
 from papo_kernels.kernels.grad_workspace import workspace_dz
 from papo_kernels.kernels.stats_combine import NUM_PARTIALS
 from papo_kernels.kernels.stats_workspace import stats_splits, workspace_stats
@@ -288,13 +293,37 @@ def _stats_configs(device, dtype, c, vocab, hid, variant):
             _config.get_config("stats_combine", device, dtype, c, vocab, hid))
 
 
-def _partials(config, c, vocab, device) -> torch.Tensor | None:
+def _partials(config, c, vocab, device, epilogue) -> torch.Tensor | None:
+    if epilogue == "cuda":  # one block per row: no split partials
+        return None
     splits = stats_splits(c, vocab, config, device)
     return torch.empty(NUM_PARTIALS * splits * c, dtype=torch.float32, device=device) if splits > 1 else None
 
 
-def forward_stats(hidden_a, hidden_b, weight, targets, outs, *, temperature, ignore_index, chunk_tokens):
-    """Phase 1 for all rows into `outs` ([N] float32 each, see stats_workspace.workspace_stats)."""
+def _stats_epilogue(epilogue, z_a, z_b, targets, outs, *, temperature, ignore_index, config, combine, part,
+                    lane_sums):
+    """The statistics epilogue of one chunk: Triton's (workspace_stats) or the CUDA one."""
+    if epilogue == "cuda":
+        cuda_epilogue.stats(z_a, z_b, targets, outs, temperature=temperature, ignore_index=ignore_index)
+    else:
+        workspace_stats(z_a, z_b, targets, outs, temperature=temperature, ignore_index=ignore_index,
+                        config=config, combine_config=combine, part=part, lane_sums=lane_sums)
+
+
+def _dz_epilogue(epilogue, z_a, z_b, dz_a, dz_b, targets, stats, grads, *, temperature, ignore_index, config):
+    """The dZ epilogue of one chunk: Triton's (workspace_dz) or the CUDA one."""
+    if epilogue == "cuda":
+        cuda_epilogue.dz(z_a, z_b, dz_a, dz_b, targets, stats, grads, temperature=temperature,
+                         ignore_index=ignore_index)
+    else:
+        workspace_dz(z_a, z_b, dz_a, dz_b, targets, stats, grads, temperature=temperature,
+                     ignore_index=ignore_index, config=config)
+
+
+def forward_stats(hidden_a, hidden_b, weight, targets, outs, *, temperature, ignore_index, chunk_tokens,
+                  epilogue="triton"):
+    """Phase 1 for all rows into `outs` ([N] float32 each, see stats_workspace.workspace_stats).
+    `epilogue`: "triton" or "cuda" (epilogue_choice.py), here and in the two calls below."""
     n, hid = hidden_a.shape
     vocab = weight.shape[0]
     if n == 0:
@@ -311,7 +340,7 @@ def forward_stats(hidden_a, hidden_b, weight, targets, outs, *, temperature, ign
     if two or dtype != hidden_a.dtype:
         x_buf = torch.empty((views * c_max, hid), dtype=dtype, device=device)
     config, combine = _stats_configs(device, hidden_a.dtype, c_max, vocab, hid, variant)
-    part = _partials(config, c_max, vocab, device)
+    part = _partials(config, c_max, vocab, device, epilogue)
     for r0 in range(0, n, c_max):
         r1 = min(r0 + c_max, n)
         c = r1 - r0
@@ -323,9 +352,9 @@ def forward_stats(hidden_a, hidden_b, weight, targets, outs, *, temperature, ign
                 x[i * c:(i + 1) * c].copy_(h[r0:r1])
         z = ws[:views * c]
         _gemm.mm_f32(x, w_t, out=z)
-        workspace_stats(
-            z[:c], z[c:] if two else None, targets[r0:r1], {k: v[r0:r1] for k, v in outs.items()},
-            temperature=temperature, ignore_index=ignore_index, config=config, combine_config=combine,
+        _stats_epilogue(
+            epilogue, z[:c], z[c:] if two else None, targets[r0:r1], {k: v[r0:r1] for k, v in outs.items()},
+            temperature=temperature, ignore_index=ignore_index, config=config, combine=combine,
             part=part, lane_sums=variant != "v1",
         )
 
@@ -359,7 +388,7 @@ def _dz_slices(dz, names, c):
 
 
 def backward_grads(hidden_a, hidden_b, weight, targets, stats, grads, dh_a, dh_b, weight_grad_acc, *,
-                   b_in_dw, temperature, ignore_index, chunk_tokens):
+                   b_in_dw, temperature, ignore_index, chunk_tokens, epilogue="triton"):
     """Phase 2 for all rows: writes dh_a / dh_b ([N, H], hidden dtype, or None) and adds dW into
     `weight_grad_acc` ([V, H] float32 or None). `stats` / `grads`: dicts of [N] float32 (None = 0).
     `b_in_dw`: view b is live, so dZ_b^T h_b enters dW."""
@@ -392,8 +421,8 @@ def backward_grads(hidden_a, hidden_b, weight, targets, stats, grads, dh_a, dh_b
             z = ws[:views * c]
             _gemm.mm_f32(x, w_g.T, out=z)
             dz_a, dz_b = _dz_slices(dz, names, c)
-            workspace_dz(
-                z[:c], z[c:] if load_b else None, dz_a, dz_b, targets[r0:r1],
+            _dz_epilogue(
+                epilogue, z[:c], z[c:] if load_b else None, dz_a, dz_b, targets[r0:r1],
                 {k: (None if v is None else v[r0:r1]) for k, v in stats.items()},
                 {k: (None if v is None else v[r0:r1]) for k, v in grads.items()},
                 temperature=temperature, ignore_index=ignore_index, config=config,
@@ -403,7 +432,7 @@ def backward_grads(hidden_a, hidden_b, weight, targets, stats, grads, dh_a, dh_b
 
 
 def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, dh_a, dh_b, weight_grad_acc, *,
-              b_in_dw, temperature, ignore_index, chunk_tokens):
+              b_in_dw, temperature, ignore_index, chunk_tokens, epilogue="triton"):
     """Gradient in forward with one logit GEMM per chunk: Z is computed once, the statistics
     epilogue reads it, `on_chunk(r0, r1, RowStats)` turns them into upstream gradients, and the
     dZ epilogue reuses the same Z (6HV FLOPs per token and view instead of 8HV).
@@ -423,7 +452,7 @@ def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, dh_a, dh_b, weight_
     c_max = plan.chunk
     ws = torch.empty((views * c_max, vocab), dtype=torch.float32, device=device)
     stats_config, combine = _stats_configs(device, hidden_a.dtype, c_max, vocab, hid, plan.variant)
-    part = _partials(stats_config, c_max, vocab, device)
+    part = _partials(stats_config, c_max, vocab, device, epilogue)
     dz_config = _config.get_config("workspace_dz", device, hidden_a.dtype, c_max, vocab, hid)
     stat_names = _STAT_NAMES if two else _STAT_NAMES[:3]
     valid = targets != ignore_index
@@ -443,8 +472,8 @@ def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, dh_a, dh_b, weight_
             # one allocation per chunk: the caller may keep these tensors
             buf = torch.empty((len(stat_names), c), dtype=torch.float32, device=device)
             outs = dict(zip(stat_names, buf))
-            workspace_stats(z[:c], z[c:] if two else None, t, outs, config=stats_config,
-                            combine_config=combine, part=part, lane_sums=plan.variant != "v1", **opts)
+            _stats_epilogue(epilogue, z[:c], z[c:] if two else None, t, outs, config=stats_config,
+                            combine=combine, part=part, lane_sums=plan.variant != "v1", **opts)
             grads = on_chunk(r0, r1, RowStats(**outs))
             if grads is None or not names:
                 continue
@@ -458,7 +487,7 @@ def loss_rows(hidden_a, hidden_b, weight, targets, on_chunk, dh_a, dh_b, weight_
             if two:
                 stats_d.update({k: outs[k] for k in ("lse_b", "entropy_b", "kl_ab", "kl_ba")})
             dz_a, dz_b = _dz_slices(dz, names, c)
-            workspace_dz(z[:c], z[c:] if load_b else None, dz_a, dz_b, t, stats_d, grads_d,
+            _dz_epilogue(epilogue, z[:c], z[c:] if load_b else None, dz_a, dz_b, t, stats_d, grads_d,
                          config=dz_config, **opts)
             sweep.commit(r0, r1)
         sweep.finish()
