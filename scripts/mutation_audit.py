@@ -44,6 +44,7 @@ def M(name, what, edits, *tests):
 
 
 TRITON = "tests/test_triton_kernels.py"
+CONTRACT = "tests/test_backend_contract.py"
 CONFIGS = "tests/test_train_configs.py"
 LOOP = "papo/integrations/torch_loop.py"
 
@@ -64,12 +65,12 @@ MUTATIONS = [
         "        weight_grad_acc += acc.to(weight_grad_acc.dtype)\n"
         "    if dh_a is not None and dh_a.dtype == torch.bfloat16:\n        dh_a.mul_(1.01)\n"
         "    return dh_a, dh_b")],
-      TRITON, "-k", "bfloat16 and 37x40x300 and (token_stats or two_view_stats) and 1.0"),
+      CONTRACT, "-k", "triton and bfloat16 and 37x40x300 and (token_stats or two_view_stats) and 1.0"),
     M("fused-loss-sweeps-without-grad", "the gradient sweep runs when no input requires grad",
       [("papo_kernels/autograd.py", "need_any = need_a or need_b or need_w", "need_any = True"),
        ("papo_kernels/autograd.py", "dh_a = torch.zeros_like(hidden_a) if need_a else None",
         "dh_a = torch.zeros_like(hidden_a)")],
-      f"{TRITON}::test_fused_loss_without_grad_skips_the_sweep"),
+      f"{TRITON}::test_fused_loss_without_grad_launches_no_dz_kernel"),
     # ------------------------------------------------------------------ papo/
     M("torch-loop-gradient-sign", "train_step ascends the loss",
       [(LOOP, "        out.loss.backward()", "        (-out.loss).backward()")],
