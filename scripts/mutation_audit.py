@@ -44,6 +44,7 @@ def M(name, what, edits, *tests):
 
 
 TRITON = "tests/test_triton_kernels.py"
+CONTRACT = "tests/test_backend_contract.py"
 CONFIGS = "tests/test_train_configs.py"
 LOOP = "papo/integrations/torch_loop.py"
 
@@ -64,12 +65,20 @@ MUTATIONS = [
         "        weight_grad_acc += acc.to(weight_grad_acc.dtype)\n"
         "    if dh_a is not None and dh_a.dtype == torch.bfloat16:\n        dh_a.mul_(1.01)\n"
         "    return dh_a, dh_b")],
-      TRITON, "-k", "bfloat16 and 37x40x300 and (token_stats or two_view_stats) and 1.0"),
+      CONTRACT, "-k", "triton and bfloat16 and 37x40x300 and (token_stats or two_view_stats) and 1.0"),
+    M("triton-constant-view-b-in-dw", "the Triton backend adds a constant view b's term into dW",
+      [("papo_kernels/kernels/__init__.py", "    b_in_dw = two and not hidden_b_is_constant\n",
+        "    b_in_dw = two\n")],
+      CONTRACT, "-k", "triton and two_view_stats and b_const and 37x40x300"),
+    M("cpp-fused-view-b-not-in-dw", "the cpp workspace loop of the fused calls drops a live view b's dW term",
+      [("papo_kernels/extension.py", "    b_in_dw = two and not hidden_b_is_constant\n",
+        "    b_in_dw = False\n")],
+      CONTRACT, "-k", "cpp-workspace and fused_two_view_loss and b_live"),
     M("fused-loss-sweeps-without-grad", "the gradient sweep runs when no input requires grad",
       [("papo_kernels/autograd.py", "need_any = need_a or need_b or need_w", "need_any = True"),
        ("papo_kernels/autograd.py", "dh_a = torch.zeros_like(hidden_a) if need_a else None",
         "dh_a = torch.zeros_like(hidden_a)")],
-      f"{TRITON}::test_fused_loss_without_grad_skips_the_sweep"),
+      f"{TRITON}::test_fused_loss_without_grad_launches_no_dz_kernel"),
     # ------------------------------------------------------------------ papo/
     M("torch-loop-gradient-sign", "train_step ascends the loss",
       [(LOOP, "        out.loss.backward()", "        (-out.loss).backward()")],
@@ -159,7 +168,9 @@ MUTATIONS = [
 
 
 def _copy_repo(dest: Path) -> None:
-    """Tracked and untracked (not ignored) files of the working tree."""
+    """Tracked and untracked (not ignored) files of the working tree, and the compiled extension
+    where it is built (git ignores it; without it the cpp backend's tests skip and its mutations
+    count as missed)."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True).stdout.decode().split("\0")
     for rel in filter(None, files):
@@ -167,6 +178,8 @@ def _copy_repo(dest: Path) -> None:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+    for lib in (ROOT / "papo_kernels").glob("_C*.so"):
+        shutil.copy2(lib, dest / "papo_kernels" / lib.name)
 
 
 def _apply(tree: Path, mutation: Mutation) -> dict[Path, str] | str:
