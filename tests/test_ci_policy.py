@@ -52,6 +52,9 @@ def _run_suite(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
         (suite / name).write_text(textwrap.dedent(text))
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     env["CUDA_VISIBLE_DEVICES"] = ""
+    # the copied conftest imports the repository's tests package (shared tiny-model assets),
+    # which an installed checkout does not put on sys.path for a suite elsewhere
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), *filter(None, [env.get("PYTHONPATH")])])
     if ci is not None:
         env["CI"] = ci
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
