@@ -31,14 +31,14 @@ def main(venv: str) -> None:
     t = torch.randint(0, 1001, (33,), generator=g)
     t[3] = -100
     results = {}
-    for backend, strategy in (("torch", "auto"), ("cpp", "workspace"), ("cpp", "fused")):
+    for backend, strategy in (("torch", "auto"), ("cpp", "workspace"), ("cpp", "tiles")):
         a, b, wl = (x.clone().requires_grad_() for x in (ha, hb, w))
         s = pk.two_view_stats(a, b, wl, t, temperature=0.8, backend=backend, strategy=strategy)
         loss = s.logp_a.sum() + 0.1 * s.kl_ab.sum() - 0.2 * s.kl_ba.sum()
         (loss + 0.03 * (s.entropy_a + s.entropy_b).sum()).backward()
         results[backend, strategy] = [*s, a.grad, b.grad, wl.grad]
     reference = results["torch", "auto"]
-    for key in (("cpp", "workspace"), ("cpp", "fused")):
+    for key in (("cpp", "workspace"), ("cpp", "tiles")):
         for x, y in zip(results[key], reference):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
     print("wheel smoke: backend='cpp' matches backend='torch' (both strategies)")
