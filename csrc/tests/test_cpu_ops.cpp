@@ -18,20 +18,15 @@
 #include <string>
 #include <vector>
 
+#include "expect.h"
+
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-int failures = 0;
-int checks = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
+using papo_kernels_test::checks;
+using papo_kernels_test::expect;
+using papo_kernels_test::failures;
 
 // ---------------------------------------------------------------- the ops
 

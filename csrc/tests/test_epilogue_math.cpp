@@ -16,22 +16,17 @@
 #include <string>
 #include <vector>
 
+#include "expect.h"
+
 #include "../cuda/epilogue_math.h"
 
 namespace {
 
 namespace ep = papo_kernels::epilogue;
 
-int failures = 0;
-int checks = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
+using papo_kernels_test::checks;
+using papo_kernels_test::expect;
+using papo_kernels_test::failures;
 
 void expect_close(double got, double want, double tol, const std::string& what) {
   const bool ok = std::fabs(got - want) <= tol * (1.0 + std::fabs(want));
